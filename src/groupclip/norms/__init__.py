@@ -1,0 +1,26 @@
+"""Per-sample gradient norms and clipped sums, one file per layer family, one registry.
+
+Importing this package registers the built-in rules; Hugging Face's ``Conv1D`` is registered by
+:func:`register_transformers_layers` once transformers has been imported.
+"""
+
+from . import conv, embedding, linear, normalization  # noqa: F401  (register the built-in rules)
+from .contributions import Contribution, Factored, Indexed, Instantiated, combine_uses
+from .generic import generic_contributions
+from .registry import LayerRule, find_rule, register_layer, registered_types
+
+register_transformers_layers = linear.register_transformers_layers
+
+__all__ = [
+    "Contribution",
+    "Factored",
+    "Indexed",
+    "Instantiated",
+    "LayerRule",
+    "combine_uses",
+    "find_rule",
+    "generic_contributions",
+    "register_layer",
+    "register_transformers_layers",
+    "registered_types",
+]
