@@ -228,8 +228,10 @@ class ClippingEngine:
 
     def _require_grouping(self) -> None:
         if self.grouping is None:
-            raise AttachError("The grouping is resolved at the first forward pass (int grouping); run one forward "
-                              "pass or engine.resolve_grouping(*example_inputs) first.")
+            raise AttachError(
+                "The grouping is resolved at the first forward pass (int grouping); run one forward "
+                "pass or engine.resolve_grouping(*example_inputs) first."
+            )
 
     def _plan_modules(self):
         plan = []
@@ -306,8 +308,10 @@ class ClippingEngine:
             self._pass = None
             return
         if self._pass is not None and self._pass.backward_started and not self._pass_finished():
-            raise PassError("A forward pass started while a backward pass was still running (activation "
-                            "checkpointing re-runs forward during backward); it is not supported.")
+            raise PassError(
+                "A forward pass started while a backward pass was still running (activation "
+                "checkpointing re-runs forward during backward); it is not supported."
+            )
         for path, bn in self._batchnorms:
             if bn.training:
                 raise UnsupportedModuleError(_batchnorm_message(path, bn))
@@ -327,8 +331,9 @@ class ClippingEngine:
             return
         if self.grouping is None:
             names = {id(p): n for n, p in trainable_parameters(self.model).items()}
-            self._set_grouping(resolve_grouping(self.model, self.grouping_spec,
-                                                [names[i] for i in state.order if i in names]))
+            self._set_grouping(
+                resolve_grouping(self.model, self.grouping_spec, [names[i] for i in state.order if i in names])
+            )
         state.close_forward(self._group_of, self._group_members)
 
     def _make_pre(self, module: nn.Module, rule):
@@ -362,8 +367,10 @@ class ClippingEngine:
             if output is None or state is None:
                 return None
             if not state.batch_size:
-                raise BatchDimensionError(f"{path} ({type(mod).__name__}) ran, but the batch size could not be "
-                                          "read from the model's inputs (no tensor argument).")
+                raise BatchDimensionError(
+                    f"{path} ({type(mod).__name__}) ran, but the batch size could not be "
+                    "read from the model's inputs (no tensor argument)."
+                )
             if rule is not None:
                 return self._record_rule_use(state, path, mod, rule, frame, args, kwargs, output)
             return self._record_generic_use(state, path, mod, frame, args, kwargs, output)
@@ -373,8 +380,10 @@ class ClippingEngine:
     def _record_rule_use(self, state, path, mod, rule, frame, args, kwargs, output):
         x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
         if not isinstance(x, Tensor) or not isinstance(output, Tensor):
-            raise UnsupportedModuleError(f"{path} ({type(mod).__name__}) was called without a tensor input or "
-                                         "returned a non-tensor; its rule needs input and output tensors.")
+            raise UnsupportedModuleError(
+                f"{path} ({type(mod).__name__}) was called without a tensor input or "
+                "returned a non-tensor; its rule needs input and output tensors."
+            )
         batch = state.batch_size
         broadcast = _check_lead(path, mod, x, batch, "input") and _check_lead(path, mod, output, batch, "output")
         activation = x.expand(batch, *x.shape[1:]) if broadcast else x
@@ -401,8 +410,10 @@ class ClippingEngine:
             broadcast.append(was_broadcast)
             tapped.append(leaves[i])
         if not tapped:
-            raise UnsupportedModuleError(f"{path} ({type(mod).__name__}) owns trainable parameters but returned no "
-                                         "floating-point tensor, so no gradient can reach them.")
+            raise UnsupportedModuleError(
+                f"{path} ({type(mod).__name__}) owns trainable parameters but returned no "
+                "floating-point tensor, so no gradient can reach them."
+            )
         covered = _fired_prefixes(mod, frame.fired)
         disabled = {id(p) for p in frame.disabled}
         params = {}
@@ -412,21 +423,27 @@ class ClippingEngine:
                 params[name] = p
         for t in _tensor_leaves((args, kwargs)):
             state.ledger.add_activation(t)
-        use = Use(len(state.uses), path, mod, params,
-                  saved_versions=[(t, t._version) for t in _tensor_leaves((args, kwargs))])
+        use = Use(
+            len(state.uses), path, mod, params, saved_versions=[(t, t._version) for t in _tensor_leaves((args, kwargs))]
+        )
         shapes = [(t.shape, t.dtype, t.device) for t in tapped]
         random_state, names = frame.random_state, frozenset(params)
 
         def compute(grads: list[Tensor | None]) -> dict:
-            grads = [g if g is not None else torch.zeros(s, dtype=d, device=dev)
-                     for g, (s, d, dev) in zip(grads, shapes, strict=True)]
+            grads = [
+                g if g is not None else torch.zeros(s, dtype=d, device=dev)
+                for g, (s, d, dev) in zip(grads, shapes, strict=True)
+            ]
             return generic_contributions(mod, args, kwargs, random_state, positions, grads, broadcast, names, batch)
 
         use.compute = compute
         state.record_use(use)
         self._tap(state, use, tapped)
-        return tree_unflatten(leaves, spec) if any(a is not b for a, b in zip(leaves, tree_flatten(output)[0],
-                                                                              strict=True)) else None
+        return (
+            tree_unflatten(leaves, spec)
+            if any(a is not b for a, b in zip(leaves, tree_flatten(output)[0], strict=True))
+            else None
+        )
 
     def _grad_ready(self, output: Tensor, batch: int, broadcast: bool) -> Tensor:
         """The output to hand on: expanded to the batch if it was broadcast, and requiring grad."""
@@ -446,11 +463,15 @@ class ClippingEngine:
 
     def _on_grad(self, state: PassState, use: Use, grads: list[Tensor | None]) -> None:
         if state is not self._pass:
-            raise PassError(f"Backward reached {use.path} from a forward pass that a later forward pass "
-                            "superseded; call backward on the loss of the latest forward pass.")
+            raise PassError(
+                f"Backward reached {use.path} from a forward pass that a later forward pass "
+                "superseded; call backward on the loss of the latest forward pass."
+            )
         if use.done:
-            raise PassError(f"Backward ran twice through {use.path} for one forward pass (retain_graph=True?); "
-                            "groupclip clips once per forward pass.")
+            raise PassError(
+                f"Backward ran twice through {use.path} for one forward pass (retain_graph=True?); "
+                "groupclip clips once per forward pass."
+            )
         if not state.forward_done:
             raise PassError("Backward started before the model's forward pass returned.")
         if not state.backward_started:
@@ -458,9 +479,11 @@ class ClippingEngine:
             torch.autograd.Variable._execution_engine.queue_callback(lambda: self._finish(state))
         for tensor, version in use.saved_versions:
             if tensor._version != version:
-                raise PassError(f"An input of {use.path} ({type(use.module).__name__}) was modified in place after "
-                                "the module used it; its per-sample gradient would be wrong. Avoid the in-place "
-                                "operation (e.g. use x = x + y instead of x += y).")
+                raise PassError(
+                    f"An input of {use.path} ({type(use.module).__name__}) was modified in place after "
+                    "the module used it; its per-sample gradient would be wrong. Avoid the in-place "
+                    "operation (e.g. use x = x + y instead of x += y)."
+                )
         self._suspended += 1
         try:
             contributions = use.compute(grads)
@@ -496,8 +519,10 @@ class ClippingEngine:
         self.peak_held_bytes = max(self.peak_held_bytes, state.ledger.peak_held_bytes)
         if state.non_finite:
             detail = "; ".join(f"group {g!r}: samples {idx}" for g, idx in state.non_finite.items())
-            raise NonFiniteNormError(f"Non-finite per-sample gradient norms ({detail}); no gradient was written. "
-                                     "Check the loss and inputs of those samples (NaN/inf) or lower the lr.")
+            raise NonFiniteNormError(
+                f"Non-finite per-sample gradient norms ({detail}); no gradient was written. "
+                "Check the loss and inputs of those samples (NaN/inf) or lower the lr."
+            )
         params = {id(p): p for p in trainable_parameters(self.model).values()}
         for key, clipped in state.staged.items():
             p = params[key]
@@ -525,9 +550,11 @@ class ClippingEngine:
 
 # ---------------------------------------------------------------------- small helpers
 def _batchnorm_message(path: str, module: nn.Module) -> str:
-    return (f"{path or '<root>'} ({type(module).__name__}) is in training mode: batch statistics mix samples, so "
-            "per-sample gradients are not defined. Replace it with GroupNorm "
-            "(groupclip.replace_batchnorm(model)), or freeze it and call .eval() on it.")
+    return (
+        f"{path or '<root>'} ({type(module).__name__}) is in training mode: batch statistics mix samples, so "
+        "per-sample gradients are not defined. Replace it with GroupNorm "
+        "(groupclip.replace_batchnorm(model)), or freeze it and call .eval() on it."
+    )
 
 
 def _tensor_leaves(tree: Any) -> list[Tensor]:

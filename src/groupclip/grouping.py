@@ -18,6 +18,7 @@ names the offenders. Frozen parameters (``requires_grad=False``) are never group
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import re
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,7 +27,9 @@ from torch import nn
 
 from .errors import GroupingError
 
-GroupingSpec = str | int | Sequence[Sequence[str]] | Mapping[str, Sequence[str]] | Callable[[str, nn.Parameter], Hashable]
+GroupingSpec = (
+    str | int | Sequence[Sequence[str]] | Mapping[str, Sequence[str]] | Callable[[str, nn.Parameter], Hashable]
+)
 
 NAMED_GROUPINGS = ("all-layer", "layer-wise", "param-wise", "per-device")
 
@@ -109,8 +112,10 @@ def resolve_grouping(
         groups = _explicit(model, spec, params)
         label = "explicit"
     else:
-        raise GroupingError(f"Unknown grouping {spec!r}; expected one of {NAMED_GROUPINGS}, an int, patterns "
-                            "or a callable (name, param) -> key.")
+        raise GroupingError(
+            f"Unknown grouping {spec!r}; expected one of {NAMED_GROUPINGS}, an int, patterns "
+            "or a callable (name, param) -> key."
+        )
     _validate_partition(groups, names)
     return ResolvedGrouping(label, {g: tuple(ns) for g, ns in groups.items()})
 
@@ -131,8 +136,10 @@ def _named(model: nn.Module, spec: str, params: dict[str, nn.Parameter]) -> dict
             owner = name.rpartition(".")[0] or "<root>"
             groups.setdefault(owner, []).append(name)
         return groups
-    raise GroupingError(f"Unknown grouping {spec!r}; expected one of {NAMED_GROUPINGS}, an int, patterns or a "
-                        "callable (name, param) -> key.")
+    raise GroupingError(
+        f"Unknown grouping {spec!r}; expected one of {NAMED_GROUPINGS}, an int, patterns or a "
+        "callable (name, param) -> key."
+    )
 
 
 def balanced_contiguous_split(sizes: Sequence[int], parts: int) -> list[int]:
@@ -142,8 +149,10 @@ def balanced_contiguous_split(sizes: Sequence[int], parts: int) -> list[int]:
     """
     n = len(sizes)
     if not 1 <= parts <= n:
-        raise GroupingError(f"Cannot split {n} parameter tensor(s) into {parts} non-empty blocks; "
-                            f"use an int grouping between 1 and {n}.")
+        raise GroupingError(
+            f"Cannot split {n} parameter tensor(s) into {parts} non-empty blocks; "
+            f"use an int grouping between 1 and {n}."
+        )
 
     def cuts_for(limit: int) -> list[int] | None:
         cuts, load = [], 0
@@ -168,7 +177,7 @@ def balanced_contiguous_split(sizes: Sequence[int], parts: int) -> list[int]:
     # Split further (at the largest blocks) until there are exactly `parts` blocks.
     while len(cuts) < parts - 1:
         bounds = [0, *cuts, n]
-        spans = [(sum(sizes[a:b]), a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b - a > 1]
+        spans = [(sum(sizes[a:b]), a, b) for a, b in itertools.pairwise(bounds) if b - a > 1]
         _, a, b = max(spans)
         half, best = sum(sizes[a:b]) / 2, a + 1
         for k in range(a + 1, b):
@@ -180,13 +189,15 @@ def balanced_contiguous_split(sizes: Sequence[int], parts: int) -> list[int]:
 
 def _blocks(parts: int, params: dict[str, nn.Parameter], order: Sequence[str] | None) -> dict[str, list[str]]:
     if order is None:
-        raise GroupingError("An int grouping needs the execution order: run one forward pass with the engine "
-                            "attached (or call engine.resolve_grouping(*example_inputs)) before reading groups.")
+        raise GroupingError(
+            "An int grouping needs the execution order: run one forward pass with the engine "
+            "attached (or call engine.resolve_grouping(*example_inputs)) before reading groups."
+        )
     seen = [n for n in order if n in params]
     ordered = seen + [n for n in params if n not in set(seen)]
     cuts = balanced_contiguous_split([params[n].numel() for n in ordered], parts)
     bounds = [0, *cuts, len(ordered)]
-    return {f"block{k}": ordered[a:b] for k, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False))}
+    return {f"block{k}": ordered[a:b] for k, (a, b) in enumerate(itertools.pairwise(bounds))}
 
 
 def _matcher(pattern: str) -> Callable[[str], bool]:
@@ -203,8 +214,9 @@ def _explicit(model: nn.Module, spec, params: dict[str, nn.Parameter]) -> dict[s
     unmatched_patterns = []
     for group, patterns in items:
         if isinstance(patterns, str):
-            raise GroupingError(f"Group {group!r} must be a list of name patterns, got the string {patterns!r} "
-                                f"(write [{patterns!r}]).")
+            raise GroupingError(
+                f"Group {group!r} must be a list of name patterns, got the string {patterns!r} (write [{patterns!r}])."
+            )
         members = []
         for pattern in patterns:
             match = _matcher(pattern)
@@ -214,8 +226,11 @@ def _explicit(model: nn.Module, spec, params: dict[str, nn.Parameter]) -> dict[s
             members.extend(h for h in hits if h not in members)
         groups[str(group)] = members
     if unmatched_patterns:
-        raise GroupingError("These patterns match no trainable parameter: " + ", ".join(unmatched_patterns)
-                            + f". Trainable parameters are: {list(params)}.")
+        raise GroupingError(
+            "These patterns match no trainable parameter: "
+            + ", ".join(unmatched_patterns)
+            + f". Trainable parameters are: {list(params)}."
+        )
     return groups
 
 
@@ -232,8 +247,11 @@ def _validate_partition(groups: Mapping[str, Sequence[str]], names: Sequence[str
             parts.append(f"in no group: {missing}")
         if duplicated:
             parts.append("in several groups: " + ", ".join(f"{n} -> {gs}" for n, gs in duplicated.items()))
-        raise GroupingError("Every trainable parameter must be in exactly one group; "
-                            + "; ".join(parts) + ". Add a catch-all pattern or fix the overlapping patterns.")
+        raise GroupingError(
+            "Every trainable parameter must be in exactly one group; "
+            + "; ".join(parts)
+            + ". Add a catch-all pattern or fix the overlapping patterns."
+        )
     empty = [g for g, members in groups.items() if not members]
     if empty:
         raise GroupingError(f"Groups {empty} contain no trainable parameter.")

@@ -66,7 +66,7 @@ class Factored:
         return gram.sum((1, 2)).view(b, g).sum(1)
 
     def instantiate(self) -> Instantiated:
-        b, _, g, _ = self.left.shape
+        b, _, _g, _ = self.left.shape
         left, right = self._blocks()
         per_sample = torch.bmm(left.transpose(1, 2), right)  # [B*G, r, c]
         return Instantiated(per_sample.view(b, *self.param_shape))

@@ -34,7 +34,7 @@ def unfold_patches(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
         if d > 1:
             x = x[..., ::d]
     # x: [B, C, o_1..o_n, k_1..k_n]
-    b, c = x.shape[:2]
+    b, _c = x.shape[:2]
     outs = x.shape[2 : 2 + n]
     perm = [0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n)]
     positions = 1
