@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .norms.contributions import Contribution, combine_uses, contribution_bytes
+from .norms.contributions import Contribution, Factored, combine_uses, contribution_bytes
 
 
 @dataclass
@@ -28,6 +28,7 @@ class Use:
     params: dict[str, nn.Parameter]  # name relative to module (may be "child.weight") -> parameter
     compute: Callable[[list[Tensor]], dict[str, Contribution]] | None = None
     saved_versions: list[tuple[Tensor, int]] = field(default_factory=list)
+    shared_input: int | None = None  # id of an input tensor other uses' rules also factor on (Gram sharing)
     done: bool = False
 
 
@@ -94,13 +95,14 @@ class ClipReport:
 class PassState:
     """Bookkeeping of one pass. Owned by the engine; discarded when the next forward pass starts."""
 
-    def __init__(self, batch_size: int, loss_scale: float) -> None:
+    def __init__(self, batch_size: int | None, loss_scale: float) -> None:
         self.batch_size = batch_size
         self.loss_scale = loss_scale  # per-sample loss gradient = loss_scale * gradient of the batch loss
         self.uses: list[Use] = []
         self.order: list[int] = []  # param ids in order of first use
         self.forward_done = False
         self.backward_started = False
+        self.finished = False
         self.ledger = MemoryLedger()
         self.param_pending: dict[int, int] = {}
         self.param_uses: dict[int, list[Contribution]] = {}
@@ -112,6 +114,24 @@ class PassState:
         self.norms: dict[str, Tensor] = {}
         self.factors: dict[str, Tensor] = {}
         self.non_finite: dict[str, list[int]] = {}
+        self.input_readers: dict[int, int] = {}  # id(input) -> uses whose Factored.right is that input
+        self.gram_cache: dict[int, Tensor] = {}
+
+    def shared_gram(self, input_id: int, contribution: Factored) -> None:
+        """Give ``contribution`` the Gram of its input, computed once for all uses reading that input.
+
+        The input tensor is kept alive by the uses still pending, so its id cannot be reused while cached.
+        """
+        readers = self.input_readers.get(input_id, 0)
+        if readers > 1 or input_id in self.gram_cache:
+            gram = self.gram_cache.get(input_id)
+            if gram is None:
+                gram = self.gram_cache[input_id] = contribution.gram_of_right()
+            contribution.right_gram = gram
+        self.input_readers[input_id] = readers - 1
+        if readers <= 1:
+            self.gram_cache.pop(input_id, None)
+            self.input_readers.pop(input_id, None)
 
     def record_use(self, use: Use) -> None:
         self.uses.append(use)
@@ -167,7 +187,7 @@ class PassState:
         """Clip a complete group: per-sample norms, factors, then the clipped sums of its parameters."""
         sq = self.group_sq.pop(group, None)
         if sq is None:
-            sq = torch.zeros(self.batch_size, dtype=torch.float32)
+            sq = torch.zeros(self.batch_size or 0, dtype=torch.float32)
         norms = sq.clamp_min(0).sqrt() * self.loss_scale
         finite = torch.isfinite(norms)
         if not bool(finite.all()):

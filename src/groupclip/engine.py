@@ -33,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
@@ -93,7 +94,9 @@ class ClippingEngine:
         clip_options: options of the clip function factory, e.g. ``{"gamma": 0.05}`` for ``"automatic"``.
         loss_reduction: ``"mean"`` if the loss is the mean of per-sample losses over the batch, ``"sum"`` if it
             is their sum.
-        norm_mode: ``"auto"`` (per layer, ghost norm iff ``2 T^2 < p d``), ``"ghost"`` or ``"instantiate"``.
+        norm_mode: ``"auto"`` (per layer, ghost norm iff ``2 T^2 < p d``), ``"ghost"`` or ``"instantiate"``; or a
+            mapping ``{module path glob: mode}`` overriding chosen layers (others stay ``"auto"``), e.g.
+            ``{"lm_head": "ghost", "*.conv*": "instantiate"}``.
 
     Raises:
         UnsupportedModuleError: a module mixes samples (BatchNorm in training) or has no per-sample form.
@@ -109,12 +112,14 @@ class ClippingEngine:
         clip_fn: str | ClipFunction = "abadi",
         clip_options: Mapping[str, float] | None = None,
         loss_reduction: LossReduction = "mean",
-        norm_mode: NormMode = "auto",
+        norm_mode: NormMode | Mapping[str, NormMode] = "auto",
     ) -> None:
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"Expected loss_reduction={loss_reduction!r} in ('mean', 'sum').")
-        if norm_mode not in ("auto", "ghost", "instantiate"):
-            raise ValueError(f"Expected norm_mode={norm_mode!r} in ('auto', 'ghost', 'instantiate').")
+        modes = norm_mode.values() if isinstance(norm_mode, Mapping) else [norm_mode]
+        for mode in modes:
+            if mode not in ("auto", "ghost", "instantiate"):
+                raise ValueError(f"Expected norm_mode={mode!r} in ('auto', 'ghost', 'instantiate').")
         self.model = model
         self.grouping_spec = grouping
         self.max_grad_norm = max_grad_norm
@@ -149,6 +154,12 @@ class ClippingEngine:
                     "(two engines on one model would each clip the same gradients)."
                 )
         register_transformers_layers()
+        if not needs_execution_order(self.grouping_spec):
+            current = resolve_grouping(self.model, self.grouping_spec)  # the trainable set as of now
+            if self.grouping is None or current.groups != self.grouping.groups:
+                self._set_grouping(current)  # changed since construction: thresholds from max_grad_norm again
+        elif self.grouping is not None and self._snapshot() != self._attached_snapshot:
+            self.grouping = None
         plan = self._plan_modules()  # raises before any hook exists
         self._anchor = torch.zeros((), requires_grad=True)
         try:
@@ -157,8 +168,24 @@ class ClippingEngine:
             self._remove_hooks()
             raise
         self._attached = True
+        self._attached_snapshot = self._snapshot()
         _ENGINES[self.model] = self
         return self
+
+    def _snapshot(self) -> tuple:
+        """Identity of the model's structure as the hooks saw it: modules and trainable parameters."""
+        return (
+            tuple(id(m) for m in self.model.modules()),
+            tuple((name, id(p)) for name, p in trainable_parameters(self.model).items()),
+        )
+
+    def _check_unchanged(self) -> None:
+        if self._snapshot() != self._attached_snapshot:
+            raise AttachError(
+                "The model changed while the engine was attached (a parameter was frozen/unfrozen or replaced, or a "
+                "module was replaced); the hooks and groups no longer match it. Call engine.detach() and "
+                "engine.attach() after changing the model."
+            )
 
     def detach(self) -> None:
         """Remove every hook and all per-pass state; the model is exactly as before :meth:`attach`."""
@@ -299,28 +326,27 @@ class ClippingEngine:
 
     # ------------------------------------------------------------------ hooks
     def _recording(self) -> bool:
-        return self._pass is not None and not self._pass.forward_done and not self._suspended
+        return (
+            self._pass is not None and not self._pass.forward_done and not self._suspended and torch.is_grad_enabled()
+        )
 
     def _root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._suspended:
             return
         if not torch.is_grad_enabled():
-            self._pass = None
-            return
-        if self._pass is not None and self._pass.backward_started and not self._pass_finished():
+            return  # records nothing, and leaves a pending pass for its backward
+        if torch._C._current_graph_task_id() != -1:
             raise PassError(
-                "A forward pass started while a backward pass was still running (activation "
-                "checkpointing re-runs forward during backward); it is not supported."
+                "The model's forward ran inside a backward pass (activation checkpointing re-runs forward during "
+                "backward); groupclip does not support it yet. Disable gradient checkpointing."
             )
         for path, bn in self._batchnorms:
             if bn.training:
                 raise UnsupportedModuleError(_batchnorm_message(path, bn))
+        self._check_unchanged()
         batch = _batch_size(args, kwargs)
         scale = float(batch) if (self.loss_reduction == "mean" and batch) else 1.0
-        self._pass = PassState(batch or 0, scale)
-
-    def _pass_finished(self) -> bool:
-        return self._pass is None
+        self._pass = PassState(batch, scale)
 
     def _root_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         state = self._pass
@@ -338,10 +364,17 @@ class ClippingEngine:
 
     def _make_pre(self, module: nn.Module, rule):
         own = [p for p in module._parameters.values() if p is not None and p.requires_grad]
-        subtree = own if rule is not None else [p for p in module.parameters() if p.requires_grad]
+        if rule is None:
+            own += [p for child in _uncalled_children(module) for p in child.parameters() if p.requires_grad]
+        subtree = own
 
         def pre(mod: nn.Module, args: tuple) -> None:
             if not self._recording():
+                if self._pass is not None and not self._suspended and torch._C._current_graph_task_id() != -1:
+                    raise PassError(
+                        f"{mod.__class__.__name__} ran forward inside the backward pass (activation checkpointing); "
+                        "groupclip does not support it yet. Disable gradient checkpointing."
+                    )
                 return
             frame = _Frame()
             frame.disabled = self._disable(subtree)
@@ -358,22 +391,26 @@ class ClippingEngine:
             if not frames or self._suspended:
                 return None
             frame = frames.pop()
-            self._enable(frame.disabled)
-            if rule is None:
-                self._active_generic.remove(frame)
-            for outer in self._active_generic:
-                outer.fired.add(id(mod))
-            state = self._pass
-            if output is None or state is None:
-                return None
-            if not state.batch_size:
-                raise BatchDimensionError(
-                    f"{path} ({type(mod).__name__}) ran, but the batch size could not be "
-                    "read from the model's inputs (no tensor argument)."
-                )
-            if rule is not None:
-                return self._record_rule_use(state, path, mod, rule, frame, args, kwargs, output)
-            return self._record_generic_use(state, path, mod, frame, args, kwargs, output)
+            try:
+                if rule is None:
+                    self._active_generic.remove(frame)
+                for outer in self._active_generic:
+                    outer.fired.add(id(mod))
+                state = self._pass
+                if output is None or state is None:
+                    return None
+                if state.batch_size is None:
+                    raise BatchDimensionError(
+                        f"{path} ({type(mod).__name__}) ran, but the batch size could not be "
+                        "read from the model's inputs (no tensor argument)."
+                    )
+                # Outputs are made grad-ready while the parameters are still switched off, so an output that is
+                # (a view of) an own parameter is tapped rather than mistaken for a graph leaf.
+                if rule is not None:
+                    return self._record_rule_use(state, path, mod, rule, frame, args, kwargs, output)
+                return self._record_generic_use(state, path, mod, frame, args, kwargs, output)
+            finally:
+                self._enable(frame.disabled)
 
         return post
 
@@ -392,6 +429,9 @@ class ClippingEngine:
         wanted = frozenset(params)
         use = Use(len(state.uses), path, mod, params, saved_versions=[(x, x._version)])
         use.compute = lambda grads: rule.contributions(mod, activation, grads[0], wanted)
+        if rule.right_is_input:
+            use.shared_input = id(x)
+            state.input_readers[id(x)] = state.input_readers.get(id(x), 0) + 1
         state.record_use(use)
         out = self._grad_ready(output, batch, broadcast)
         self._tap(state, use, [out])
@@ -400,13 +440,21 @@ class ClippingEngine:
     def _record_generic_use(self, state, path, mod, frame, args, kwargs, output):
         batch = state.batch_size
         leaves, spec = tree_flatten(output)
-        positions, broadcast, tapped = [], [], []
-        for i, leaf in enumerate(leaves):
-            if not (isinstance(leaf, Tensor) and leaf.is_floating_point()):
-                continue
-            was_broadcast = _check_lead(path, mod, leaf, batch, f"output #{i}")
+        positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor) and leaf.is_floating_point()]
+        batch_dims = _output_batch_dims(mod, len(positions))
+        broadcast, tapped = [], []
+        for i, dim in zip(positions, batch_dims, strict=True):
+            leaf = leaves[i]
+            if dim == 0:
+                was_broadcast = _check_lead(path, mod, leaf, batch, f"output #{i}")
+            elif leaf.dim() > dim and leaf.shape[dim] == batch:
+                was_broadcast = False
+            else:
+                raise BatchDimensionError(
+                    f"{path} ({type(mod).__name__}): output #{i} has shape {tuple(leaf.shape)}, expected the batch "
+                    f"size {batch} on dim {dim}."
+                )
             leaves[i] = self._grad_ready(leaf, batch, was_broadcast)
-            positions.append(i)
             broadcast.append(was_broadcast)
             tapped.append(leaves[i])
         if not tapped:
@@ -434,7 +482,9 @@ class ClippingEngine:
                 g if g is not None else torch.zeros(s, dtype=d, device=dev)
                 for g, (s, d, dev) in zip(grads, shapes, strict=True)
             ]
-            return generic_contributions(mod, args, kwargs, random_state, positions, grads, broadcast, names, batch)
+            return generic_contributions(
+                mod, args, kwargs, random_state, positions, grads, broadcast, names, batch, batch_dims
+            )
 
         use.compute = compute
         state.record_use(use)
@@ -462,6 +512,13 @@ class ClippingEngine:
             )
 
     def _on_grad(self, state: PassState, use: Use, grads: list[Tensor | None]) -> None:
+        if state.finished:
+            raise PassError(
+                f"Backward ran twice through {use.path} for one forward pass (retain_graph=True?); groupclip "
+                "clips once per forward pass. Run a new forward pass before each backward."
+            )
+        if not self._attached:
+            raise PassError(f"Backward reached {use.path} after the engine was detached; nothing was clipped.")
         if state is not self._pass:
             raise PassError(
                 f"Backward reached {use.path} from a forward pass that a later forward pass "
@@ -486,19 +543,33 @@ class ClippingEngine:
                 )
         self._suspended += 1
         try:
-            contributions = use.compute(grads)
+            contributions = use.compute(grads) if state.batch_size else {}
         finally:
             self._suspended -= 1
         use.compute = None
-        contributions = {name: self._shape_for_norm(c) for name, c in contributions.items()}
+        mode = self._mode_for(use.path)
+        contributions = {name: self._shape_for_norm(c, mode) for name, c in contributions.items()}
+        if use.shared_input is not None:
+            factored = [c for c in contributions.values() if isinstance(c, Factored) and c.left.shape[2] == 1]
+            if factored and factored[0].steps > 1:
+                state.shared_gram(use.shared_input, factored[0])
         for group in state.use_done(use, contributions):
             state.clip_group(group, self.thresholds[group], self.clip_fn)
 
-    def _shape_for_norm(self, contribution):
+    def _mode_for(self, path: str) -> NormMode:
+        if not isinstance(self.norm_mode, Mapping):
+            return self.norm_mode
+        for pattern, mode in self.norm_mode.items():
+            if fnmatch.fnmatchcase(path, pattern):
+                return mode
+        return "auto"
+
+    @staticmethod
+    def _shape_for_norm(contribution, mode: NormMode):
         """Apply the norm mode: keep factors for the ghost norm, or instantiate per-sample gradients now."""
-        if isinstance(contribution, Instantiated) or self.norm_mode == "ghost":
+        if isinstance(contribution, Instantiated) or mode == "ghost":
             return contribution
-        if self.norm_mode == "instantiate":
+        if mode == "instantiate":
             return contribution.instantiate()
         steps = contribution.steps
         if isinstance(contribution, Factored):
@@ -511,6 +582,7 @@ class ClippingEngine:
         if state is not self._pass:
             return
         self._pass = None
+        state.finished = True
         for use in state.uses:
             if not use.done:
                 state.use_done(use, {})
@@ -539,10 +611,12 @@ class ClippingEngine:
                 return
             where = ", ".join(owners) if owners else "no module"
             raise UnattributedGradientError(
-                f"Parameter {name!r} received an ordinary, batch-summed gradient: it was used outside the forward "
-                f"of the module(s) that own it ({where}), so its per-sample gradients are unknown. Use it through "
-                "a call of its module (share the module, e.g. an nn.Linear tied to an embedding), or move penalty "
-                "terms on parameters (weight decay) into the optimizer."
+                f"Parameter {name!r} received an ordinary, batch-summed gradient, so its per-sample gradients are "
+                f"unknown. It was used outside a recorded forward call of the module(s) that own it ({where}): "
+                "either a submodule was called directly rather than through the model the engine is attached to, "
+                "or another module or a loss term used the parameter. Call the model itself, use the parameter "
+                "through a call of its module (share the module, e.g. an nn.Linear tied to an embedding), and move "
+                "penalty terms on parameters (weight decay) into the optimizer."
             )
 
         return check
@@ -580,6 +654,20 @@ def _check_lead(path: str, module: nn.Module, t: Tensor, batch: int, what: str) 
         f"the batch size {batch} (nor 1, a broadcast). groupclip needs the batch as dim 0 of every layer's input "
         "and output: avoid reshaping the batch into other dims (e.g. [B*T, d]) before a layer with parameters."
     )
+
+
+def _uncalled_children(module: nn.Module) -> list[nn.Module]:
+    """Children whose parameters a known module uses without calling the child (so the parent accounts for them)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return [module.out_proj]
+    return []
+
+
+def _output_batch_dims(module: nn.Module, count: int) -> list[int]:
+    """Batch dim of each floating output leaf: RNN states ``h_n``/``c_n`` are ``[layers*dirs, B, H]``."""
+    if isinstance(module, nn.RNNBase):
+        return [0 if module.batch_first else 1] + [1] * (count - 1)
+    return [0] * count
 
 
 def _local_name(module: nn.Module, param: nn.Parameter) -> str:

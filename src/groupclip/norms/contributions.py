@@ -42,10 +42,16 @@ class Factored:
     left: Tensor
     right: Tensor
     param_shape: torch.Size
+    right_gram: Tensor | None = None  # ``R R^T`` [B, T, T] when shared with other layers reading the same input
 
     @property
     def steps(self) -> int:
         return self.left.shape[1]
+
+    def gram_of_right(self) -> Tensor:
+        """``R R^T`` per sample, ``[B, T, T]`` (single block only)."""
+        right = _up(self.right).reshape(self.right.shape[0], self.steps, -1)
+        return torch.bmm(right, right.transpose(1, 2))
 
     def _blocks(self) -> tuple[Tensor, Tensor]:
         # [B, T, G, k] -> [B*G, T, k]
@@ -62,7 +68,7 @@ class Factored:
             return sq.sum((1, 2))
         left, right = self._blocks()
         gram = torch.bmm(left, left.transpose(1, 2))
-        gram.mul_(torch.bmm(right, right.transpose(1, 2)))
+        gram.mul_(self.right_gram if self.right_gram is not None else torch.bmm(right, right.transpose(1, 2)))
         return gram.sum((1, 2)).view(b, g).sum(1)
 
     def instantiate(self) -> Instantiated:

@@ -56,6 +56,7 @@ def generic_contributions(
     broadcast: Sequence[bool],
     wanted: Collection[str],
     batch_size: int,
+    batch_dims: Sequence[int] | None = None,
 ) -> dict[str, Instantiated]:
     """Per-sample gradients of ``module``'s own parameters named in ``wanted``.
 
@@ -69,6 +70,7 @@ def generic_contributions(
         broadcast: per tapped output, whether the real output had leading dimension 1 and was expanded to B.
         wanted: names of the module's own trainable parameters.
         batch_size: B.
+        batch_dims: per tapped output, the dim that holds the batch (0 unless given; RNN states use 1).
     """
     from torch.utils._pytree import tree_leaves
 
@@ -76,7 +78,8 @@ def generic_contributions(
     buffers = {name: buf.clone() for name, buf in module.named_buffers()}
 
     def forward(p: dict[str, Tensor]) -> tuple[Tensor, ...]:
-        with random_state.replay():
+        # oneDNN's RNN backward has no vmap batching rule; the reference kernels compute the same function.
+        with random_state.replay(), torch.backends.mkldnn.flags(enabled=False):
             out = functional_call(module, {**p, **buffers}, args, kwargs)
         leaves = tree_leaves(out)
         return tuple(leaves[i] for i in output_positions)
@@ -85,17 +88,20 @@ def generic_contributions(
         _, pullback = vjp(forward, params)
 
     grads = tuple(g.detach() for g in output_grads)
+    dims = list(batch_dims) if batch_dims is not None else [0] * len(grads)
     sample_ids = torch.arange(batch_size, device=grads[0].device)
 
     def one_sample(i: Tensor) -> dict[str, Tensor]:
         cotangents = []
-        for g, was_broadcast in zip(grads, broadcast, strict=True):
+        for g, was_broadcast, dim in zip(grads, broadcast, dims, strict=True):
             if was_broadcast:
                 cotangents.append(g.index_select(0, i.view(1)))
             else:
-                mask = (sample_ids == i).to(g.dtype).view(-1, *([1] * (g.dim() - 1)))
-                cotangents.append(g * mask)
-        return pullback(tuple(cotangents))[0]
+                shape = [1] * g.dim()
+                shape[dim] = batch_size
+                cotangents.append(g * (sample_ids == i).to(g.dtype).view(shape))
+        with torch.backends.mkldnn.flags(enabled=False):
+            return pullback(tuple(cotangents))[0]
 
     per_sample_bytes = sum(g.numel() * g.element_size() for g in grads) or 1
     chunk = max(1, min(batch_size, COTANGENT_BUDGET_BYTES // per_sample_bytes))

