@@ -98,3 +98,34 @@ def test_memory_saving_groupings_are_still_exact():
         total = sum(float(w.pow(2).sum()) for w in want.values()) ** 0.5
         for n, p in model.named_parameters():
             assert float((p.grad - want[n]).norm()) <= 1e-9 * max(float(want[n].norm()), 1e-3 * total), (grouping, n)
+
+
+def _state_ref(engine):
+    import weakref
+
+    assert engine._pass is not None
+    return weakref.ref(engine._pass)
+
+
+@pytest.mark.parametrize("grouping", ["all-layer", "layer-wise"])
+def test_pass_state_is_freed_after_backward(grouping):
+    """No reference cycle through autograd's graph keeps a pass (its activations, clipped sums) alive."""
+    import gc
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(11, 8), nn.Linear(8, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 3))
+    ids = torch.randint(0, 11, (4, 5))
+    with ClippingEngine(model, grouping=grouping) as engine:
+        out = model(ids)
+        ref = _state_ref(engine)
+        out.pow(2).mean().backward()
+        del out
+        gc.collect()
+        assert ref() is None, "the pass state outlived its backward pass"
+        # A forward pass whose loss is dropped without backward is freed too.
+        out = model(ids)
+        ref = _state_ref(engine)
+        del out
+        model(ids[:2]).sum().backward()
+        gc.collect()
+        assert ref() is None, "an abandoned forward pass was never freed"

@@ -423,6 +423,9 @@ class ClippingEngine:
             )
         batch = state.batch_size
         broadcast = _check_lead(path, mod, x, batch, "input") and _check_lead(path, mod, output, batch, "output")
+        # Keep only detached views (they share the version counter): holding graph-attached tensors would close a
+        # reference cycle through autograd's C++ graph (tensor -> grad_fn -> our output hook -> pass state).
+        x = x.detach()
         activation = x.expand(batch, *x.shape[1:]) if broadcast else x
         state.ledger.add_activation(x)
         params = {_local_name(mod, p): p for p in frame.disabled}
@@ -469,6 +472,7 @@ class ClippingEngine:
             owner = name.rpartition(".")[0]
             if id(p) in disabled and not any(owner == c or owner.startswith(c + ".") for c in covered):
                 params[name] = p
+        args, kwargs = _detached((args, kwargs))  # see _record_rule_use: no references into the autograd graph
         for t in _tensor_leaves((args, kwargs)):
             state.ledger.add_activation(t)
         use = Use(
@@ -547,6 +551,7 @@ class ClippingEngine:
         finally:
             self._suspended -= 1
         use.compute = None
+        use.saved_versions = []
         mode = self._mode_for(use.path)
         contributions = {name: self._shape_for_norm(c, mode) for name, c in contributions.items()}
         if use.shared_input is not None:
@@ -584,11 +589,14 @@ class ClippingEngine:
         self._pass = None
         state.finished = True
         for use in state.uses:
+            use.compute, use.saved_versions = None, []
             if not use.done:
                 state.use_done(use, {})
         for group in state.pending_groups():
             state.clip_group(group, self.thresholds[group], self.clip_fn)
         self.peak_held_bytes = max(self.peak_held_bytes, state.ledger.peak_held_bytes)
+        if self._anchor is not None:
+            self._anchor.grad = None
         if state.non_finite:
             detail = "; ".join(f"group {g!r}: samples {idx}" for g, idx in state.non_finite.items())
             raise NonFiniteNormError(
@@ -633,6 +641,11 @@ def _batchnorm_message(path: str, module: nn.Module) -> str:
 
 def _tensor_leaves(tree: Any) -> list[Tensor]:
     return [t for t in tree_flatten(tree)[0] if isinstance(t, Tensor)]
+
+
+def _detached(tree: Any) -> Any:
+    leaves, spec = tree_flatten(tree)
+    return tree_unflatten([t.detach() if isinstance(t, Tensor) else t for t in leaves], spec)
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
