@@ -60,7 +60,17 @@ TARGET_LABELS = {"time": "step time", "peak_rss": "peak RSS"}
 
 BERT_BASE = dict(layers=12, hidden=768, heads=12, intermediate=3072, vocab=30522, seq_len=128, batch_size=8)
 SMOKE = dict(
-    layers=2, hidden=64, heads=4, intermediate=256, vocab=1000, seq_len=16, batch_size=8, rounds=1, warmup=1, steps=2
+    layers=2,
+    hidden=64,
+    heads=4,
+    intermediate=256,
+    vocab=1000,
+    seq_len=16,
+    batch_size=8,
+    rounds=1,
+    warmup=1,
+    steps=2,
+    interleaved_iters=2,
 )
 MB = 1024 * 1024
 LEAK_MB_PER_STEP = 16  # RSS growth per step above which a style is flagged as leaking
@@ -84,6 +94,7 @@ class Config:
     lr: float = 1e-3
     seed: int = 0
     threads: int | None = None
+    interleaved_iters: int = 8
     styles: list[str] = field(default_factory=lambda: list(STYLES))
 
     def is_bert_base(self) -> bool:
@@ -210,7 +221,83 @@ def run_worker(cfg: Config, style: str) -> dict:
     }
 
 
+def run_interleaved_worker(cfg: Config) -> dict:
+    """All styles in ONE process, alternating step by step, so slow drift of the machine cancels in the ratios.
+
+    Each iteration times one step of every style (rotated order; an engine is attached for its step and detached
+    after); the time ratio of a style is the median over iterations of ``t_style / t_non_private`` of the same
+    iteration. Peak memory is not measured here (the separate-process runs give it).
+    """
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from groupclip import ClippingEngine
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    bert_cfg = BertConfig(
+        vocab_size=cfg.vocab,
+        hidden_size=cfg.hidden,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        intermediate_size=cfg.intermediate,
+        max_position_embeddings=max(512, cfg.seq_len),
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=2,
+        attn_implementation=cfg.attn_implementation,
+    )
+    model = BertForSequenceClassification(bert_cfg).train()
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    input_ids = torch.randint(0, cfg.vocab, (cfg.batch_size, cfg.seq_len), generator=gen)
+    labels = torch.randint(0, 2, (cfg.batch_size,), generator=gen)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    engines = {
+        style: ClippingEngine(model, grouping=grouping, max_grad_norm=cfg.max_grad_norm, norm_mode=cfg.norm_mode)
+        for style, grouping in STYLES.items()
+        if grouping is not None and style in cfg.styles
+    }
+
+    def one_step(style: str) -> float:
+        engine = engines.get(style)
+        if engine is not None:
+            engine.attach()
+        try:
+            t0 = time.perf_counter()
+            model(input_ids=input_ids, labels=labels).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return time.perf_counter() - t0
+        finally:
+            if engine is not None:
+                engine.detach()
+
+    styles = list(cfg.styles)
+    for style in styles:  # warm-up
+        one_step(style)
+    times: dict[str, list[float]] = {style: [] for style in styles}
+    for i in range(cfg.interleaved_iters):
+        k = i % len(styles)
+        for style in styles[k:] + styles[:k]:
+            times[style].append(one_step(style))
+    return {"times": times, "torch_threads": torch.get_num_threads()}
+
+
 # ---------------------------------------------------------------------------------------------------- driver
+def _run_interleaved(cfg: Config) -> dict:
+    with tempfile.TemporaryDirectory(prefix="groupclip-bench-") as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", "_interleaved"]
+        cmd += ["--_config", json.dumps(asdict(cfg)), "--_result", str(out)]
+        env = dict(os.environ)
+        env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT)
+        if proc.returncode != 0 or not out.exists():
+            return {"error": f"interleaved worker exited with {proc.returncode}:\n{proc.stderr[-4000:]}"}
+        return json.loads(out.read_text())
+
+
 def _run_style(cfg: Config, style: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="groupclip-bench-") as tmp:
         out = Path(tmp) / "result.json"
@@ -233,8 +320,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if (a is not None and b) else None
 
 
-def summarise(cfg: Config, runs: dict[str, list[dict]]) -> dict[str, dict]:
-    """Per style: medians over rounds, and ratios to non-private."""
+def summarise(cfg: Config, runs: dict[str, list[dict]], interleaved: dict | None = None) -> dict[str, dict]:
+    """Per style: medians over rounds, ratios to non-private, and the paired in-process time ratio."""
     summary: dict[str, dict] = {}
     for style in cfg.styles:
         ok = [r for r in runs[style] if "error" not in r]
@@ -269,14 +356,26 @@ def summarise(cfg: Config, runs: dict[str, list[dict]]) -> dict[str, dict]:
         s["peak_minus_baseline_ratio"] = (
             _ratio(s["peak_minus_baseline_bytes"], ref["peak_minus_baseline_bytes"]) if ok_ref else None
         )
+    if interleaved and "times" in interleaved:
+        base = interleaved["times"]["non-private"]
+        for style, s in summary.items():
+            if "error" in s or style not in interleaved["times"]:
+                continue
+            times = interleaved["times"][style]
+            s["interleaved_median_step_s"] = _median(times)
+            s["interleaved_time_ratio"] = _median([t / b for t, b in zip(times, base, strict=True)])
     return summary
 
 
 def check_targets(summary: dict[str, dict]) -> list[dict]:
-    key = {"time": "time_ratio", "peak_rss": "peak_rss_ratio"}
+    """Time targets use the paired in-process ratio when measured (robust to drift), else the per-process one."""
     out = []
     for style, what, limit in TARGETS:
-        value = summary.get(style, {}).get(key[what])
+        s = summary.get(style, {})
+        if what == "time":
+            value = s.get("interleaved_time_ratio", s.get("time_ratio"))
+        else:
+            value = s.get("peak_rss_ratio")
         status = "n/a" if value is None else ("pass" if value <= limit else "miss")
         out.append({"style": style, "metric": what, "limit": limit, "value": value, "status": status})
     return out
@@ -366,17 +465,19 @@ def render_markdown(result: dict) -> str:
         f"Python {machine['python_version']}",
         f"- date: {result['date']}; load average at start {result['loadavg_start']}, at end {result['loadavg_end']}",
         "",
-        "| style | median step (s) | time × non-private | peak RSS (MB) | peak RSS × non-private "
-        "| (peak − baseline) × non-private | engine peak held (MB) | engine activations (MB) | targets |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| style | median step (s) | time × non-private (separate processes) | time × non-private (interleaved, "
+        "paired) | peak RSS (MB) | peak RSS × non-private | (peak − baseline) × non-private | engine peak held (MB) "
+        "| engine activations (MB) | targets |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for style in cfg["styles"]:
         s = summary[style]
         if "error" in s:
-            lines.append(f"| {style} | error | | | | | | | |")
+            lines.append(f"| {style} | error | | | | | | | | |")
             continue
         lines.append(
             f"| {style} | {_fmt(s['median_step_s'], '.3f')} | {_fmt(s['time_ratio'], '.3f')} "
+            f"| {_fmt(s.get('interleaved_time_ratio'), '.3f')} "
             f"| {_mb(s['peak_rss_bytes'])} | {_fmt(s['peak_rss_ratio'], '.3f')} "
             f"| {_fmt(s['peak_minus_baseline_ratio'], '.3f')} | {_mb(s['engine_peak_held_bytes'])} "
             f"| {_mb(s['engine_activation_bytes'])} | {'; '.join(targets_by_style.get(style, [])) or '—'} |"
@@ -418,6 +519,11 @@ def render_markdown(result: dict) -> str:
             lines.append(f"- {style}: `{last}` (full traceback in the JSON)")
     lines += [
         "",
+        "Time ratios: *separate processes* compares medians of runs made in different processes and rounds, so it "
+        "includes the machine's drift between them; *interleaved, paired* runs every style in one process, one step "
+        "each in turn, and takes the median over iterations of the ratio to the non-private step of the same "
+        f"iteration ({cfg.get('interleaved_iters', 0)} iterations) -- the time targets use it.",
+        "",
         "Peak RSS is the subprocess's `ru_maxrss` (whole process: interpreter, torch, model, optimizer, activations); "
         "baseline is its RSS right after building the model. Engine figures are from `ClipReport` "
         "(`peak_held_bytes`: tensors held beyond what autograd would hold; `activation_bytes`: layer inputs saved "
@@ -453,7 +559,15 @@ def run_benchmark(cfg: Config, out_dir: Path, name: str, quiet: bool = False) ->
                     f"[round {r + 1}/{cfg.rounds}] {style}: median step {res['median_step_s']:.3f} s, "
                     f"peak RSS {res['peak_rss_bytes'] / MB:.0f} MB ({time.perf_counter() - t0:.0f} s wall)"
                 )
-    summary = summarise(cfg, runs)
+    interleaved = None
+    if "non-private" in cfg.styles and cfg.interleaved_iters > 0:
+        t0 = time.perf_counter()
+        interleaved = _run_interleaved(cfg)
+        log(
+            f"[interleaved] {cfg.interleaved_iters} iterations of all styles in one process "
+            f"({time.perf_counter() - t0:.0f} s wall)"
+        )
+    summary = summarise(cfg, runs, interleaved)
     result = {
         "command": _command(),
         "date": started.isoformat(timespec="seconds"),
@@ -468,6 +582,7 @@ def run_benchmark(cfg: Config, out_dir: Path, name: str, quiet: bool = False) ->
         "targets": check_targets(summary),
         "leak_warnings": leak_warnings(summary),
         "runs": runs,
+        "interleaved": interleaved,
     }
     markdown = render_markdown(result)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -511,6 +626,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
+    p.add_argument(
+        "--interleaved-iters",
+        type=int,
+        default=None,
+        help="iterations of the one-process interleaved timing (default 8; 0 skips it)",
+    )
     p.add_argument("--out-dir", type=Path, default=None, help=f"default {DEFAULT_OUT_DIR} (a temp dir with --smoke)")
     p.add_argument("--name", default=None, help="output file stem (default bert_base_cpu, or one naming the shape)")
     p.add_argument("--smoke", action="store_true", help="tiny model, 1 round, 1 warm-up, 2 steps, temp output dir")
@@ -534,7 +655,18 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if args.smoke:
         for k, v in SMOKE.items():
             setattr(cfg, k, v)
-    shape_keys = ("rounds", "warmup", "steps", "batch_size", "seq_len", "layers", "hidden", "heads", "intermediate")
+    shape_keys = (
+        "rounds",
+        "warmup",
+        "steps",
+        "batch_size",
+        "seq_len",
+        "layers",
+        "hidden",
+        "heads",
+        "intermediate",
+        "interleaved_iters",
+    )
     for k in (*shape_keys, "vocab"):
         v = getattr(args, k)
         if v is not None:
@@ -550,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args._worker:
         cfg = Config(**json.loads(args._config))
-        result = run_worker(cfg, args._worker)
+        result = run_interleaved_worker(cfg) if args._worker == "_interleaved" else run_worker(cfg, args._worker)
         Path(args._result).write_text(json.dumps(result))
         return 0
     cfg = config_from_args(args)
