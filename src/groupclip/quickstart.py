@@ -1,15 +1,12 @@
 """The embedded default job: a short DP-SGD run of a small CNN on the MNIST 5k subset.
 
-Poisson sampling (each example in each step independently with rate q), per-sample clipping by
-:class:`~groupclip.ClippingEngine`, Gaussian noise ``N(0, sigma^2 S^2)`` with S the engine's sensitivity, divided by
-the expected batch size; epsilon from Google's ``dp-accounting`` (RDP) when it is installed. The full training API
-(any optimizer, calibration, checkpoints) is separate; this is the smallest honest DP training loop.
+It is the plain loop of :func:`groupclip.make_private`: Poisson sampling (each example in each step independently
+with rate q), per-sample clipping, Gaussian noise ``N(0, sigma^2 S^2)`` added once per batch and divided by the
+expected batch size, and epsilon from Google's ``dp-accounting`` (RDP).
 """
 
 from __future__ import annotations
 
-import logging
-import math
 import resource
 import time
 from dataclasses import asdict, dataclass
@@ -17,9 +14,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from .datasets import load_mnist5k
-from .engine import ClippingEngine
+from .private import make_private
 
 
 @dataclass
@@ -55,22 +53,6 @@ def small_cnn(num_classes: int = 10) -> nn.Module:
     )
 
 
-def rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float | None:
-    """Epsilon of Poisson-subsampled Gaussian steps by dp-accounting's RDP accountant, or None if not installed."""
-    try:
-        import dp_accounting
-        from dp_accounting.rdp import RdpAccountant
-    except ImportError:
-        return None
-    logging.getLogger("absl").setLevel(logging.ERROR)  # RDP orders that fail to converge are dropped; not news
-    if noise_multiplier == 0:
-        return math.inf
-    accountant = RdpAccountant()
-    event = dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier))
-    accountant.compose(event, steps)
-    return float(accountant.get_epsilon(delta))
-
-
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -92,42 +74,40 @@ def run(config: QuickConfig, log=print) -> dict:
     train, test = load_mnist5k(seed=config.seed)
     model = small_cnn()
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
-    n = len(train)
-    rate = config.expected_batch_size / n
-    steps_per_epoch = round(1 / rate)
-    sampler = torch.Generator().manual_seed(config.seed + 1)
-    noise_gen = torch.Generator().manual_seed(config.seed + 2)
-    engine = ClippingEngine(
+    private = make_private(
         model,
+        optimizer,
         grouping=config.grouping,
         max_grad_norm=config.max_grad_norm,
         clip_fn=config.clip_fn,
         loss_reduction="sum",
         norm_mode=config.norm_mode,
+        noise_multiplier=config.noise_multiplier,
+        batch_size=config.expected_batch_size,
+        data_size=len(train),
+        target_delta=config.delta,
+        seed=config.seed,
     )
-    steps = 0
-    with engine:
+    loader = private.poisson_loader(TensorDataset(train.x, train.y))
+    try:
         for epoch in range(config.epochs):
-            for _ in range(steps_per_epoch):
-                chosen = torch.nonzero(torch.rand(n, generator=sampler) < rate).flatten()
+            for x, y in loader:
+                if len(y):
+                    F.cross_entropy(model(x), y, reduction="sum").backward()
+                optimizer.step()  # noise once per batch, divided by the expected batch size
                 optimizer.zero_grad(set_to_none=True)
-                if len(chosen):
-                    loss = F.cross_entropy(model(train.x[chosen]), train.y[chosen], reduction="sum")
-                    loss.backward()
-                std = config.noise_multiplier * engine.sensitivity
-                for p in model.parameters():
-                    noise = torch.randn(p.shape, generator=noise_gen) * std
-                    grad = noise if p.grad is None else p.grad + noise
-                    p.grad = grad / config.expected_batch_size
-                optimizer.step()
-                steps += 1
             log(f"epoch {epoch + 1}/{config.epochs}: test accuracy {accuracy(model, test.x, test.y):.4f}")
-    eps = rdp_epsilon(config.noise_multiplier, rate, steps, config.delta)
+    finally:
+        private.detach()
+    try:
+        eps = private.epsilon()
+    except ImportError:  # dp-accounting not installed: report no epsilon rather than a hand-made one
+        eps = None
     return {
         "config": asdict(config),
-        "train_size": n,
-        "steps": steps,
-        "sample_rate": rate,
+        "train_size": len(train),
+        "steps": private.steps,
+        "sample_rate": private.sample_rate,
         "test_accuracy": accuracy(model, test.x, test.y),
         "epsilon": eps,
         "delta": config.delta,

@@ -1,0 +1,210 @@
+"""Privacy accounting with Google's ``dp-accounting`` (MATH.md §7).
+
+One DP-SGD step is ``PoissonSampledDpEvent(q, GaussianDpEvent(sigma))``; a run is the composition of its steps.
+:class:`PrivacyAccountant` keeps the ledger of those events (runs of equal steps compressed), answers epsilon for a
+delta with dp-accounting's RDP or PLD accountant, and saves / restores the ledger with checkpoints.
+:func:`calibrate_noise_multiplier` finds the noise multiplier reaching a target epsilon with
+``dp_accounting.calibrate_dp_mechanism``.
+
+``dp-accounting`` is an optional dependency: ``pip install dp-accounting`` (or ``groupclip[accounting]``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .errors import GroupClipError
+
+AccountantKind = Literal["rdp", "pld"]
+ACCOUNTANTS = ("rdp", "pld")
+
+# The calibration search never goes beyond this noise multiplier; targets needing more are "unreachable".
+MAX_NOISE_MULTIPLIER = 100.0
+MIN_NOISE_MULTIPLIER = 0.05
+
+
+class UnreachableEpsilonError(GroupClipError, ValueError):
+    """No noise multiplier within the search range reaches the target epsilon."""
+
+    def __init__(self, message: str, nearest_epsilon: float, noise_multiplier: float) -> None:
+        super().__init__(message)
+        self.nearest_epsilon = nearest_epsilon
+        self.noise_multiplier = noise_multiplier
+
+
+def _dp_accounting():
+    try:
+        import dp_accounting
+    except ImportError as exc:  # pragma: no cover - exercised only without the extra
+        raise ImportError(
+            "Privacy accounting needs Google's dp-accounting package: pip install dp-accounting "
+            "(or pip install 'groupclip[accounting]')."
+        ) from exc
+    logging.getLogger("absl").setLevel(logging.ERROR)  # RDP orders that fail to converge are dropped, not news
+    return dp_accounting
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in ACCOUNTANTS:
+        raise ValueError(f"Expected accountant={kind!r} in {ACCOUNTANTS}.")
+
+
+def make_accountant(kind: AccountantKind = "rdp"):
+    """A fresh dp-accounting accountant: ``RdpAccountant()`` or ``pld.PLDAccountant()``."""
+    _check_kind(kind)
+    dp = _dp_accounting()
+    if kind == "rdp":
+        from dp_accounting.rdp import RdpAccountant
+
+        return RdpAccountant()
+    return dp.pld.PLDAccountant()
+
+
+def dp_sgd_event(noise_multiplier: float, sample_rate: float, steps: int):
+    """``SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(sigma)), steps)``."""
+    dp = _dp_accounting()
+    return dp.SelfComposedDpEvent(
+        dp.PoissonSampledDpEvent(sample_rate, dp.GaussianDpEvent(noise_multiplier)), int(steps)
+    )
+
+
+def _check_event(noise_multiplier: float, sample_rate: float, steps: int) -> None:
+    if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+        raise ValueError(f"Expected noise_multiplier={noise_multiplier} in [0, inf).")
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"Expected sample_rate={sample_rate} in (0, 1].")
+    if steps < 0 or int(steps) != steps:
+        raise ValueError(f"Expected steps={steps} to be a non-negative integer.")
+
+
+def _check_delta(delta: float) -> None:
+    if not 0 < delta < 1:
+        raise ValueError(f"Expected delta={delta} in (0, 1).")
+
+
+def compute_epsilon(
+    noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: AccountantKind = "rdp"
+) -> float:
+    """Epsilon after ``steps`` Poisson-subsampled Gaussian steps (``inf`` for ``noise_multiplier == 0``)."""
+    _check_event(noise_multiplier, sample_rate, steps)
+    _check_delta(delta)
+    if steps == 0:
+        return 0.0
+    if noise_multiplier == 0:
+        return math.inf
+    acc = make_accountant(accountant)
+    acc.compose(dp_sgd_event(noise_multiplier, sample_rate, steps))
+    return float(acc.get_epsilon(delta))
+
+
+def calibrate_noise_multiplier(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: AccountantKind = "rdp",
+    tolerance: float = 0.005,
+) -> float:
+    """The smallest noise multiplier whose epsilon after ``steps`` is at most ``target_epsilon``.
+
+    The result's epsilon lies within ``tolerance`` (relative) below the target.
+
+    Raises:
+        UnreachableEpsilonError: even ``MAX_NOISE_MULTIPLIER`` gives more than the target; the error names the
+            nearest reachable epsilon.
+    """
+    if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
+        raise ValueError(f"Expected target_epsilon={target_epsilon} in (0, inf).")
+    _check_delta(delta)
+    _check_event(1.0, sample_rate, steps)
+    if steps == 0:
+        return 0.0
+    floor = compute_epsilon(MAX_NOISE_MULTIPLIER, sample_rate, steps, delta, accountant)
+    if floor > target_epsilon:
+        raise UnreachableEpsilonError(
+            f"target_epsilon={target_epsilon} is unreachable in {steps} steps at sample rate {sample_rate} and "
+            f"delta={delta}: the nearest reachable epsilon is {floor:.4g} (noise multiplier {MAX_NOISE_MULTIPLIER}). "
+            "Train fewer steps, sample a smaller rate, or accept a larger epsilon.",
+            nearest_epsilon=floor,
+            noise_multiplier=MAX_NOISE_MULTIPLIER,
+        )
+    if compute_epsilon(MIN_NOISE_MULTIPLIER, sample_rate, steps, delta, accountant) <= target_epsilon:
+        return MIN_NOISE_MULTIPLIER
+    dp = _dp_accounting()
+    sigma = dp.calibrate_dp_mechanism(
+        lambda: make_accountant(accountant),
+        lambda s: dp_sgd_event(s, sample_rate, steps),
+        target_epsilon,
+        delta,
+        bracket_interval=dp.ExplicitBracketInterval(MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER),
+        tol=tolerance * target_epsilon / 10,
+    )
+    return float(sigma)
+
+
+@dataclass
+class LedgerEntry:
+    """``steps`` consecutive DP-SGD steps with the same noise multiplier and sample rate."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+
+class PrivacyAccountant:
+    """The ledger of a training run's DP events, and its epsilon by dp-accounting.
+
+    Args:
+        kind: ``"rdp"`` (Renyi DP, fast, slightly loose) or ``"pld"`` (privacy loss distributions, tight).
+
+    Example:
+        >>> accountant = PrivacyAccountant("rdp")
+        >>> accountant.step(noise_multiplier=1.1, sample_rate=0.01, steps=1000)
+        >>> round(accountant.epsilon(delta=1e-5), 2)  # doctest: +SKIP
+        1.24
+    """
+
+    def __init__(self, kind: AccountantKind = "rdp") -> None:
+        _check_kind(kind)
+        self.kind = kind
+        self.ledger: list[LedgerEntry] = []
+
+    @property
+    def steps(self) -> int:
+        return sum(e.steps for e in self.ledger)
+
+    def step(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
+        """Record ``steps`` DP-SGD steps (merged into the last entry when the parameters are equal)."""
+        _check_event(noise_multiplier, sample_rate, steps)
+        last = self.ledger[-1] if self.ledger else None
+        if last is not None and last.noise_multiplier == noise_multiplier and last.sample_rate == sample_rate:
+            last.steps += int(steps)
+        else:
+            self.ledger.append(LedgerEntry(float(noise_multiplier), float(sample_rate), int(steps)))
+
+    def event(self):
+        """The whole run as one dp-accounting ``ComposedDpEvent``."""
+        dp = _dp_accounting()
+        return dp.ComposedDpEvent([dp_sgd_event(e.noise_multiplier, e.sample_rate, e.steps) for e in self.ledger])
+
+    def epsilon(self, delta: float) -> float:
+        """Epsilon spent so far at ``delta`` (0 before any step, ``inf`` if a step had no noise)."""
+        _check_delta(delta)
+        if not self.ledger:
+            return 0.0
+        if any(e.noise_multiplier == 0 and e.steps > 0 for e in self.ledger):
+            return math.inf
+        acc = make_accountant(self.kind)
+        acc.compose(self.event())
+        return float(acc.get_epsilon(delta))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "ledger": [vars(e).copy() for e in self.ledger]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check_kind(state["kind"])
+        self.kind = state["kind"]
+        self.ledger = [LedgerEntry(**e) for e in state["ledger"]]
