@@ -56,7 +56,8 @@ class PrivateTraining:
     Build it with :func:`make_private`. Attributes of interest: ``engine``, ``accountant``, ``noise_multiplier``
     (the stated sigma the accountant records), ``gradient_noise_multiplier`` (z used on gradients; larger than
     sigma under adaptive clipping), ``sample_rate``, ``expected_batch_size``, ``steps`` (taken so far),
-    ``last_metrics`` (of the last step).
+    ``last_metrics`` (of the last step: samples, noise std, thresholds, fraction clipped and mean clip factor per
+    group, and the mean per-sample loss when :meth:`backward` was used); :meth:`metrics` adds epsilon.
     """
 
     def __init__(
@@ -106,9 +107,24 @@ class PrivateTraining:
 
     # ------------------------------------------------------------------ the loop
     def backward(self, loss: Tensor) -> None:
-        """``loss.backward()`` after checking the loss' reduction against the declared one where detectable."""
+        """``loss.backward()`` after checking the loss' reduction against the declared one where detectable.
+
+        The loss value is also recorded for :meth:`metrics` (as the mean per-sample loss of the logical batch).
+        """
         check_loss_reduction(loss, self.engine.loss_reduction)
+        value = float(loss.detach())
         loss.backward()
+        batch = self.engine.last_report.batch_size if self.engine.last_report is not None else 0
+        per_sample_total = value * batch if self.engine.loss_reduction == "mean" else value
+        self._loss_sum = getattr(self, "_loss_sum", 0.0) + per_sample_total
+
+    def metrics(self, with_epsilon: bool = True) -> dict[str, Any]:
+        """Metrics of the last step (see ``last_metrics``), plus the epsilon spent so far at the run's delta."""
+        out = dict(self.last_metrics)
+        if with_epsilon:
+            out["epsilon"] = self.epsilon()
+            out["delta"] = self.delta
+        return out
 
     def poisson_loader(self, dataset: Dataset, **loader_kwargs: Any) -> DataLoader:
         """A Poisson-sampling loader at this run's sample rate (its sampler state goes into checkpoints)."""
@@ -126,6 +142,7 @@ class PrivateTraining:
     # ------------------------------------------------------------------ hooks
     def _reset_batch_stats(self) -> None:
         self._samples = 0
+        self._loss_sum = 0.0
         self._clipped: dict[str, float] = {}
         self._factor_sum: dict[str, float] = {}
         self._nonfinite_seen = self.engine.nonfinite_passes
@@ -176,6 +193,7 @@ class PrivateTraining:
             "thresholds": thresholds,
             "fraction_clipped": {g: c / self._samples for g, c in self._clipped.items()} if self._samples else {},
             "mean_clip_factor": {g: s / self._samples for g, s in self._factor_sum.items()} if self._samples else {},
+            "loss": self._loss_sum / self._samples if self._samples and self._loss_sum else None,
         }
         if self.tracker is not None:
             new, fractions = self.tracker.update(thresholds, self.expected_batch_size, self.noise)
