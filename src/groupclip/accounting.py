@@ -89,6 +89,7 @@ def compute_epsilon(
     noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: AccountantKind = "rdp"
 ) -> float:
     """Epsilon after ``steps`` Poisson-subsampled Gaussian steps (``inf`` for ``noise_multiplier == 0``)."""
+    _check_kind(accountant)
     _check_event(noise_multiplier, sample_rate, steps)
     _check_delta(delta)
     if steps == 0:
@@ -108,41 +109,77 @@ def calibrate_noise_multiplier(
     accountant: AccountantKind = "rdp",
     tolerance: float = 0.005,
 ) -> float:
-    """The smallest noise multiplier whose epsilon after ``steps`` is at most ``target_epsilon``.
+    """The noise multiplier whose epsilon after ``steps`` lies in ``[target * (1 - tolerance), target]``.
 
-    The result's epsilon lies within ``tolerance`` (relative) below the target.
+    Every epsilon comes from dp-accounting; the search is a bracketed false-position search on ``log epsilon`` vs
+    ``log sigma`` (epsilon falls monotonically as sigma grows). For PLD it starts from the RDP-calibrated sigma,
+    an upper bound (RDP's epsilon is never below PLD's), so the slow PLD evaluations stay few and at large sigma.
 
     Raises:
         UnreachableEpsilonError: even ``MAX_NOISE_MULTIPLIER`` gives more than the target; the error names the
             nearest reachable epsilon.
     """
+    _check_kind(accountant)
     if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
         raise ValueError(f"Expected target_epsilon={target_epsilon} in (0, inf).")
+    if not 0 < tolerance < 1:
+        raise ValueError(f"Expected tolerance={tolerance} in (0, 1).")
     _check_delta(delta)
     _check_event(1.0, sample_rate, steps)
     if steps == 0:
         return 0.0
-    floor = compute_epsilon(MAX_NOISE_MULTIPLIER, sample_rate, steps, delta, accountant)
-    if floor > target_epsilon:
+
+    def eps(sigma: float) -> float:
+        return compute_epsilon(sigma, sample_rate, steps, delta, accountant)
+
+    high = MAX_NOISE_MULTIPLIER
+    if accountant == "pld":
+        try:
+            high = calibrate_noise_multiplier(target_epsilon, delta, sample_rate, steps, "rdp", tolerance)
+        except UnreachableEpsilonError:  # PLD is tighter: it may still reach what RDP cannot
+            high = MAX_NOISE_MULTIPLIER
+    eps_high = eps(high)
+    if eps_high > target_epsilon:
         raise UnreachableEpsilonError(
             f"target_epsilon={target_epsilon} is unreachable in {steps} steps at sample rate {sample_rate} and "
-            f"delta={delta}: the nearest reachable epsilon is {floor:.4g} (noise multiplier {MAX_NOISE_MULTIPLIER}). "
+            f"delta={delta}: the nearest reachable epsilon is {eps_high:.4g} (noise multiplier {high:g}). "
             "Train fewer steps, sample a smaller rate, or accept a larger epsilon.",
-            nearest_epsilon=floor,
-            noise_multiplier=MAX_NOISE_MULTIPLIER,
+            nearest_epsilon=eps_high,
+            noise_multiplier=high,
         )
-    if compute_epsilon(MIN_NOISE_MULTIPLIER, sample_rate, steps, delta, accountant) <= target_epsilon:
-        return MIN_NOISE_MULTIPLIER
-    dp = _dp_accounting()
-    sigma = dp.calibrate_dp_mechanism(
-        lambda: make_accountant(accountant),
-        lambda s: dp_sgd_event(s, sample_rate, steps),
-        target_epsilon,
-        delta,
-        bracket_interval=dp.ExplicitBracketInterval(MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER),
-        tol=tolerance * target_epsilon / 10,
-    )
-    return float(sigma)
+    if eps_high >= target_epsilon * (1 - tolerance):
+        return high
+    low = max(MIN_NOISE_MULTIPLIER, high / 4) if accountant == "pld" else MIN_NOISE_MULTIPLIER
+    eps_low = eps(low)
+    while eps_low <= target_epsilon and low > MIN_NOISE_MULTIPLIER:  # widen the bracket downwards if needed
+        high, eps_high = low, eps_low
+        low = max(MIN_NOISE_MULTIPLIER, low / 4)
+        eps_low = eps(low)
+    if eps_low <= target_epsilon:
+        return low  # even the smallest noise multiplier searched meets the target
+    # Invariant: eps(low) > target >= eps(high). Illinois false position on (log sigma, log eps).
+    target = math.log(target_epsilon)
+    f_low, f_high = math.log(eps_low) - target, math.log(eps_high) - target
+    side = 0
+    for _ in range(60):
+        x_low, x_high = math.log(low), math.log(high)
+        x = x_high - f_high * (x_high - x_low) / (f_high - f_low) if f_high != f_low else (x_low + x_high) / 2
+        sigma = math.exp(min(max(x, x_low), x_high))
+        e = eps(sigma)
+        if target_epsilon * (1 - tolerance) <= e <= target_epsilon:
+            return sigma
+        f = math.log(e) - target
+        if f > 0:
+            low, f_low = sigma, f
+            if side == -1:
+                f_high /= 2
+            side = -1
+        else:
+            high, f_high = sigma, f
+            if side == 1:
+                f_low /= 2
+            side = 1
+    return high  # eps(high) <= target always holds
 
 
 @dataclass
@@ -179,6 +216,8 @@ class PrivacyAccountant:
     def step(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
         """Record ``steps`` DP-SGD steps (merged into the last entry when the parameters are equal)."""
         _check_event(noise_multiplier, sample_rate, steps)
+        if steps == 0:
+            return
         last = self.ledger[-1] if self.ledger else None
         if last is not None and last.noise_multiplier == noise_multiplier and last.sample_rate == sample_rate:
             last.steps += int(steps)

@@ -38,6 +38,14 @@ def _accounting_parsers(sub) -> None:
 
 
 def _accounting(args) -> int:
+    try:
+        return _accounting_command(args)
+    except ValueError as exc:  # bad numbers: an error line and exit code 2, like argparse
+        print(f"groupclip {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _accounting_command(args) -> int:
     from .accounting import UnreachableEpsilonError, calibrate_noise_multiplier, compute_epsilon
 
     if args.command == "epsilon":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import secrets
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -72,6 +72,9 @@ class PoissonBatchSampler(Sampler[list[int]]):
 class EmptyBatchCollate:
     """``collate_fn`` that turns an empty Poisson batch into the usual structure with a leading dim of 0.
 
+    The structure is learned from one example, but none of that example's data is kept (tensors are cut to zero
+    rows, per-example lists emptied).
+
     Args:
         dataset: used once to learn the structure and dtypes of one collated example.
         collate_fn: the collate function for non-empty batches (default ``default_collate``).
@@ -86,10 +89,28 @@ class EmptyBatchCollate:
         if len(batch):
             return self.collate_fn(batch)
         if self._empty is None:
-            leaves, spec = tree_flatten(self.collate_fn([self._dataset[0]]))
-            self._empty = tree_unflatten([t[:0] if isinstance(t, torch.Tensor) else t for t in leaves], spec)
+            self._empty = _without_rows(self.collate_fn([self._dataset[0]]))
             self._dataset = None
         return self._empty
+
+
+def _without_rows(batch: Any) -> Any:
+    """The structure of a collated batch of one example, with zero rows and none of that example's data.
+
+    Tensors keep their trailing shape and dtype; containers are rebuilt; a list of non-tensor values (strings
+    collated as a list, one per example) becomes an empty list; any other value is dropped to ``None``.
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch[:0]
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _without_rows(v) for k, v in batch.items()})
+    if isinstance(batch, list | tuple):
+        structured = any(isinstance(v, torch.Tensor | Mapping | list | tuple) for v in batch)
+        if not structured:
+            return []  # per-example values (e.g. strings)
+        items = [_without_rows(v) for v in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
+    return None
 
 
 def poisson_loader(
