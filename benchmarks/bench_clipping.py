@@ -125,35 +125,15 @@ def _maxrss_bytes() -> int:
 def run_worker(cfg: Config, style: str) -> dict:
     """One style in this (fresh) process: build, warm up, time ``cfg.steps`` steps; returns the measurements."""
     import torch
-    from transformers import BertConfig, BertForSequenceClassification
 
     from groupclip import ClippingEngine
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    bert_cfg = BertConfig(
-        vocab_size=cfg.vocab,
-        hidden_size=cfg.hidden,
-        num_hidden_layers=cfg.layers,
-        num_attention_heads=cfg.heads,
-        intermediate_size=cfg.intermediate,
-        max_position_embeddings=max(512, cfg.seq_len),
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        num_labels=2,
-        attn_implementation=cfg.attn_implementation,
-    )
-    model = BertForSequenceClassification(bert_cfg)
-    model.train()
+    model, input_ids, labels, optimizer = build_model_and_batch(cfg)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     baseline_rss = _rss_bytes()
     maxrss_after_build = _maxrss_bytes()
-
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    input_ids = torch.randint(0, cfg.vocab, (cfg.batch_size, cfg.seq_len), generator=gen)
-    labels = torch.randint(0, 2, (cfg.batch_size,), generator=gen)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
 
     grouping = STYLES[style]
     engine = None
@@ -221,20 +201,11 @@ def run_worker(cfg: Config, style: str) -> dict:
     }
 
 
-def run_interleaved_worker(cfg: Config) -> dict:
-    """All styles in ONE process, alternating step by step, so slow drift of the machine cancels in the ratios.
-
-    Each iteration times one step of every style (rotated order; an engine is attached for its step and detached
-    after); the time ratio of a style is the median over iterations of ``t_style / t_non_private`` of the same
-    iteration. Peak memory is not measured here (the separate-process runs give it).
-    """
+def build_model_and_batch(cfg: Config):
+    """The seeded model (train mode), its fixed batch and the SGD optimizer every style uses."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from groupclip import ClippingEngine
-
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     bert_cfg = BertConfig(
         vocab_size=cfg.vocab,
@@ -253,6 +224,23 @@ def run_interleaved_worker(cfg: Config) -> dict:
     input_ids = torch.randint(0, cfg.vocab, (cfg.batch_size, cfg.seq_len), generator=gen)
     labels = torch.randint(0, 2, (cfg.batch_size,), generator=gen)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    return model, input_ids, labels, optimizer
+
+
+def run_interleaved_worker(cfg: Config) -> dict:
+    """All styles in ONE process, alternating step by step, so slow drift of the machine cancels in the ratios.
+
+    Each iteration times one step of every style (rotated order; an engine is attached for its step and detached
+    after); the time ratio of a style is the median over iterations of ``t_style / t_non_private`` of the same
+    iteration. Peak memory is not measured here (the separate-process runs give it).
+    """
+    import torch
+
+    from groupclip import ClippingEngine
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model, input_ids, labels, optimizer = build_model_and_batch(cfg)
     engines = {
         style: ClippingEngine(model, grouping=grouping, max_grad_norm=cfg.max_grad_norm, norm_mode=cfg.norm_mode)
         for style, grouping in STYLES.items()

@@ -24,14 +24,6 @@ HOOK_DICTS = (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()

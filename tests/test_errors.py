@@ -36,14 +36,6 @@ HOOK_DICTS = (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def assert_untouched(model: nn.Module, flags: list[bool]) -> None:
     for name, m in model.named_modules():
         for attr in HOOK_DICTS:

@@ -14,14 +14,6 @@ from groupclip import AttachError, ClippingEngine, GroupingError, resolve_groupi
 from groupclip.grouping import balanced_contiguous_split
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def mlp() -> nn.Sequential:
     return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
 

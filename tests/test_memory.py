@@ -18,14 +18,6 @@ from reference import per_sample_gradients, reference_clip
 WIDTH, BLOCKS, BATCH, STEPS = 64, 12, 8, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Block(nn.Module):
     def __init__(self) -> None:
         super().__init__()

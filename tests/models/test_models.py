@@ -29,15 +29,6 @@ from reference import check_engine, per_sample_gradients, reference_clip
 B, T, VOCAB, HIDDEN = 3, 6, 40, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: intra-op threads only add overhead (3-10x slower on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 GROUPINGS = ["all-layer", "layer-wise", "param-wise", 3, "patterns", "callable"]
 
 

@@ -64,15 +64,6 @@ CONFIGS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: intra-op threads only add (large, on a loaded 2-core box) OpenMP overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------- checking one run
 def tensor_errors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], floor: float) -> dict[str, float]:
     """name -> ||got_n - want_n|| / max(||want_n||, floor * ||want_all||)."""

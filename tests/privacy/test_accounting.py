@@ -19,7 +19,6 @@ from contextlib import contextmanager
 
 import dp_accounting
 import pytest
-import torch
 from dp_accounting.rdp import RdpAccountant
 
 from groupclip import accounting
@@ -35,15 +34,6 @@ from groupclip.accounting import (
 from groupclip.cli import main
 
 DELTA = 1e-5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """A loaded 2-core box: intra-op threads only add overhead here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def reference_epsilon(kind: str, segments: list[tuple[float, float, int]], delta: float = DELTA) -> float:

@@ -45,14 +45,6 @@ from groupclip.accounting import MAX_NOISE_MULTIPLIER, LedgerEntry
 DTYPE = torch.float64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------- small models and data
 def mlp(seed: int = 0, d_in: int = 5, hidden: int = 12, classes: int = 3) -> nn.Sequential:
     torch.manual_seed(seed)

@@ -26,15 +26,6 @@ from groupclip.sampling import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """A loaded 2-core box: intra-op threads only add overhead here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------- PoissonBatchSampler
 def test_inclusion_rate_is_q_and_batch_sizes_vary():
     n, q, steps = 10_000, 0.05, 200
