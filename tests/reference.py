@@ -14,6 +14,17 @@ from groupclip.grouping import ResolvedGrouping, trainable_parameters
 
 PerSampleLoss = Callable[[nn.Module, tuple], Tensor]  # (model, batch) -> [B] per-sample losses
 
+# nn.Module's hook registries: an engine that detached cleanly leaves every one of them as it found it.
+HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
 
 def _slice(batch: tuple, i: int) -> tuple:
     return tuple(t[i : i + 1] if isinstance(t, Tensor) else t for t in batch)

@@ -11,17 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from groupclip import AttachError, ClippingEngine, GroupClipError, PassError, attached
-from reference import check_engine, per_sample_gradients, reference_clip
-
-HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-)
+from reference import HOOK_DICTS, check_engine, per_sample_gradients, reference_clip
 
 
 class Net(nn.Module):

@@ -23,17 +23,7 @@ from groupclip import (
     UnattributedGradientError,
     UnsupportedModuleError,
 )
-from reference import check_engine, per_sample_gradients
-
-HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-)
+from reference import HOOK_DICTS, check_engine, per_sample_gradients
 
 
 def assert_untouched(model: nn.Module, flags: list[bool]) -> None:

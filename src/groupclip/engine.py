@@ -173,6 +173,7 @@ class ClippingEngine:
             raise
         self._attached = True
         self._attached_snapshot = self._snapshot()
+        self._params_by_id = {id(p): p for p in trainable_parameters(self.model).values()}
         _ENGINES[self.model] = self
         return self
 
@@ -614,7 +615,7 @@ class ClippingEngine:
                 f"Non-finite per-sample gradient norms ({detail}); no gradient was written. "
                 "Check the loss and inputs of those samples (NaN/inf) or lower the lr."
             )
-        params = {id(p): p for p in trainable_parameters(self.model).values()}
+        params = self._params_by_id  # the model is checked unchanged at every forward while attached
         started_fresh = all(p.grad is None for p in params.values())
         for key, clipped in state.staged.items():
             p = params[key]
