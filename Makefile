@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_clipping.py $(ARGS)
+	$(BIN)/groupclip bench --suite cpu --rounds 2 --steps 3 --warmup 1 --memory-cap 16GiB --name cpu_suite $(ARGS)
 
 clean:
 	rm -rf $(VENV)

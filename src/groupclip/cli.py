@@ -75,9 +75,17 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _accounting_parsers(sub)
+    from .bench.commands import add_parsers, run_bench, run_plan
+
+    add_parsers(sub)
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if args.command in ("epsilon", "calibrate"):
         return _accounting(args)
+    if args.command == "bench":
+        return run_bench(args, argv[1:])
+    if args.command == "plan":
+        return run_plan(args)
     if args.command == "train":
         config = QuickConfig(**{f.name: getattr(args, f.name) for f in fields(QuickConfig)})
         result = run(config)
