@@ -10,6 +10,7 @@ import gzip
 import importlib.util
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -194,7 +195,7 @@ def load_shakespeare(val_fraction: float = 0.1, plays: int | None = None) -> Cha
     )
     if not files:
         raise DatasetMissingError(f"No plays under {root}; reinstall with: {SHAKESPEARE_INSTALL}")
-    text = "".join(open(path, encoding="utf-8").read() for path in files[:plays])
+    text = "".join(Path(path).read_text(encoding="utf-8") for path in files[:plays])
     vocab = sorted(set(text))
     index = {c: i for i, c in enumerate(vocab)}
     ids = torch.tensor([index[c] for c in text], dtype=torch.long)
