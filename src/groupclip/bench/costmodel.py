@@ -41,7 +41,6 @@ from .presets import Workload
 
 NormMode = Literal["auto", "ghost", "instantiate"]
 LayerKind = Literal["linear", "conv", "embedding", "instantiated"]
-OPACUS_STYLES = ("opacus-hooks", "opacus-per-layer", "opacus-ghost")
 
 
 @dataclass

@@ -17,7 +17,6 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-MB = 1024 * 1024
 RESULT_PREFIX = "RESULT "
 
 
