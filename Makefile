@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-0.2.0
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench study clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/groupclip bench --suite cpu --rounds 2 --steps 3 --warmup 1 --memory-cap 16GiB --name cpu_suite $(ARGS)
+
+study: $(STAMP)
+	bash benchmarks/studies/run_all.sh
 
 clean:
 	rm -rf $(VENV)

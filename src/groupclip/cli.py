@@ -4,25 +4,161 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from dataclasses import fields
 
-from .quickstart import QuickConfig, run
+from .datasets import DatasetMissingError
+from .errors import GroupClipError
+from .training.recipe import RecipeError, parse_value
 
-
-def _grouping(value: str) -> str | int:
-    return int(value) if value.isdigit() else value
+# Shortcut flags of `groupclip train`: flag -> (recipe field, type, help).
+TRAIN_SHORTCUTS: dict[str, tuple[str, type, str]] = {
+    "--grouping": ("clipping.grouping", str, "all-layer | layer-wise | param-wise | M (blocks)"),
+    "--clip-fn": ("clipping.clip_fn", str, "abadi | automatic"),
+    "--max-grad-norm": ("clipping.max_grad_norm", float, "total clipping threshold R"),
+    "--norm-mode": ("clipping.norm_mode", str, "auto | ghost | instantiate"),
+    "--epsilon": ("privacy.epsilon", float, "target epsilon (calibrates the noise multiplier)"),
+    "--noise-multiplier": ("privacy.noise_multiplier", float, "fixed noise multiplier (instead of --epsilon)"),
+    "--delta": ("privacy.delta", float, "target delta"),
+    "--epochs": ("schedule.epochs", float, "passes over the data"),
+    "--batch-size": ("schedule.batch_size", int, "expected (Poisson) batch size"),
+    "--physical-batch-size": ("schedule.physical_batch_size", int, "largest batch per backward pass"),
+    "--lr": ("optimizer.lr", float, "learning rate"),
+    "--momentum": ("optimizer.momentum", float, "SGD momentum"),
+    "--optimizer": ("optimizer.name", str, "sgd | adam | adamw"),
+    "--seed": ("run.seed", int, "seed of the model, sampler and noise"),
+    "--threads": ("run.threads", int, "torch threads (0: default)"),
+    "--max-steps": ("schedule.max_steps", int, "stop after this many steps (privacy still planned for all)"),
+    "--limit": ("data.limit", int, "use only the first N training examples"),
+}
 
 
 def _train_parser(sub) -> None:
-    parser = sub.add_parser("train", help="run a DP training job (default: CNN on the MNIST 5k subset)")
-    defaults = QuickConfig()
-    for f in fields(QuickConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        kind = _grouping if f.name == "grouping" else type(default)
-        parser.add_argument(flag, type=kind, default=default, help=f"(default: {default})")
-    parser.add_argument("--json", metavar="PATH", help="also write the final metrics as JSON")
+    parser = sub.add_parser(
+        "train",
+        help="run a training recipe (default: the embedded CNN on the MNIST 5k subset)",
+        description="Train a recipe (a TOML file or a bundled name) with DP; flags and --set override any field.",
+    )
+    parser.add_argument("--recipe", default="default", help="bundled recipe name or path to a .toml (default: default)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a field")
+    for flag, (key, kind, text) in TRAIN_SHORTCUTS.items():
+        parser.add_argument(flag, type=kind, default=None, help=f"{text} (sets {key})")
+    parser.add_argument("--adaptive", action="store_true", default=None, help="adaptive per-group thresholds")
+    parser.add_argument("--non-private", action="store_true", help="train without DP (the baseline)")
+    parser.add_argument("--out", help="run folder (default: runs/<recipe>/<time>-seed<seed>); 'none' writes nothing")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--json", metavar="PATH", help="also write the final metrics as JSON here")
+    parser.add_argument("--list", action="store_true", help="list the bundled recipes and exit")
+    parser.add_argument("--show", action="store_true", help="print the resolved recipe (TOML) and exit")
+
+
+def _train_overrides(args) -> list[str] | dict:
+    overrides: dict = {}
+    for flag, (key, _, _) in TRAIN_SHORTCUTS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            overrides[key] = value
+    if args.epsilon is not None and args.noise_multiplier is None:
+        overrides["privacy.noise_multiplier"] = None  # a target epsilon replaces a recipe's fixed multiplier
+    if args.adaptive:
+        overrides["clipping.adaptive"] = True
+    if args.non_private:
+        overrides["privacy.private"] = False
+    for text in args.set:
+        if "=" not in text:
+            raise RecipeError(f"--set {text!r}: expected section.field=value (e.g. clipping.grouping=layer-wise).")
+        key, value = text.split("=", 1)
+        overrides[key.strip()] = parse_value(value.strip())
+    if "clipping.grouping" in overrides and isinstance(overrides["clipping.grouping"], str):
+        grouping = overrides["clipping.grouping"]
+        overrides["clipping.grouping"] = int(grouping) if grouping.isdigit() else grouping
+    return overrides
+
+
+def _train(args) -> int:
+    import time
+
+    from .training import apply_overrides, bundled_recipes, load_recipe, recipe_to_toml, train
+
+    if args.list:
+        for name in bundled_recipes():
+            description = load_recipe(name).description.split(". ")[0]
+            print(f"{name:24s} {description}")
+        return 0
+    recipe = apply_overrides(load_recipe(args.recipe), _train_overrides(args))
+    if args.show:
+        print(recipe_to_toml(recipe), end="")
+        return 0
+    out = args.out or os.path.join("runs", recipe.name, time.strftime("%Y%m%d-%H%M%S") + f"-seed{recipe.run.seed}")
+    run_dir = None if out == "none" else out
+    result = train(recipe, run_dir, progress=not args.no_progress)
+    _print_result(result, run_dir)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(result, handle, indent=2)
+    return 0
+
+
+def _print_result(result: dict, run_dir: str | None) -> None:
+    headline = result["headline"]
+    value = result[headline]
+    print(f"{headline:14s}: {value:.4f}" if value is not None else f"{headline:14s}: n/a")
+    if result["private"]:
+        eps = result["epsilon"]
+        eps_text = "n/a (pip install dp-accounting)" if eps is None else f"{eps:.3f}"
+        print(
+            f"{'epsilon':14s}: {eps_text} at delta={result['delta']:g} ({result['accountant'].upper()}; Poisson rate "
+            f"{result['sample_rate']:.4g}, {result['steps']} steps, noise multiplier {result['noise_multiplier']:.4g})"
+        )
+        print(f"{'clipping':14s}: {result['grouping']} ({result['groups']} groups), {result['clip_fn']}")
+    else:
+        print(f"{'epsilon':14s}: inf (non-private)")
+    print(f"{'wall time':14s}: {result['wall_time_s']:.1f} s")
+    print(f"{'peak memory':14s}: {result['peak_rss_mb']:.0f} MB (peak RSS)")
+    if run_dir:
+        print(f"{'run folder':14s}: {run_dir}")
+
+
+def _sweep_parser(sub) -> None:
+    parser = sub.add_parser(
+        "sweep",
+        help="run a grid of a recipe with overrides (resumable) and tabulate the results",
+        description="Run every point of a sweep file (or of --recipe with --axis flags); finished points are skipped.",
+    )
+    parser.add_argument("spec", nargs="?", help="sweep file (.toml); or give --recipe and --axis")
+    parser.add_argument("--recipe", help="recipe for a sweep given by flags")
+    parser.add_argument("--axis", action="append", default=[], metavar="SECTION.FIELD=V1,V2", help="a grid axis")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="shared override")
+    parser.add_argument("--repeat", help="axis averaged over in the table (e.g. seed)")
+    parser.add_argument("--name", default="sweep", help="sweep name (flags form)")
+    parser.add_argument("--out", help="sweep folder (default: runs/sweeps/<name>)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each its own process)")
+    parser.add_argument("--only", action="append", default=[], metavar="AXIS=V1,V2", help="run a subset")
+    parser.add_argument("--table", action="store_true", help="only rebuild the results table from finished runs")
+
+
+def _sweep(args) -> int:
+    from .training.sweep import load_sweep, render_table, run_sweep, summarise, sweep_from_flags, write_table
+
+    if args.spec:
+        spec = load_sweep(args.spec)
+    elif args.recipe:
+        spec = sweep_from_flags(args.name, args.recipe, args.axis, args.set, args.repeat)
+    else:
+        raise RecipeError("Give a sweep file, or --recipe with --axis section.field=v1,v2.")
+    if args.out:
+        spec.out = args.out
+    only = {}
+    for text in args.only:
+        axis, _, values = text.partition("=")
+        only[axis] = values.split(",")
+    if args.table:
+        rows = summarise(spec)
+        write_table(spec, rows)
+    else:
+        rows = run_sweep(spec, jobs=args.jobs, only=only)
+    print(render_table(spec, rows))
+    return 0
 
 
 def _accounting_parsers(sub) -> None:
@@ -74,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="groupclip", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    _sweep_parser(sub)
     _accounting_parsers(sub)
     from .bench.commands import add_parsers, run_bench, run_plan
 
@@ -86,21 +223,12 @@ def main(argv: list[str] | None = None) -> int:
         return run_bench(args, argv[1:])
     if args.command == "plan":
         return run_plan(args)
-    if args.command == "train":
-        config = QuickConfig(**{f.name: getattr(args, f.name) for f in fields(QuickConfig)})
-        result = run(config)
-        eps = result["epsilon"]
-        eps_text = "n/a (pip install dp-accounting)" if eps is None else f"{eps:.3f}"
-        print(f"test accuracy : {result['test_accuracy']:.4f}")
-        print(
-            f"epsilon       : {eps_text} at delta={result['delta']:g} (RDP, Poisson rate "
-            f"{result['sample_rate']:.4f}, {result['steps']} steps, noise multiplier {config.noise_multiplier})"
-        )
-        print(f"wall time     : {result['wall_time_s']:.1f} s")
-        print(f"peak memory   : {result['peak_rss_mb']:.0f} MB (peak RSS)")
-        if args.json:
-            with open(args.json, "w") as handle:
-                json.dump(result, handle, indent=2)
+    if args.command in ("train", "sweep"):
+        try:
+            return _train(args) if args.command == "train" else _sweep(args)
+        except (GroupClipError, DatasetMissingError) as exc:  # recipes, privacy settings, missing data
+            print(f"groupclip {args.command}: error: {exc}", file=sys.stderr)
+            return 2
     return 0
 
 
