@@ -13,6 +13,7 @@ import os
 import statistics
 import sys
 from collections import defaultdict
+from typing import Any
 
 import matplotlib
 
@@ -116,26 +117,44 @@ def fashion_grouping(lines: list[str]) -> None:
     lines += ["![trade-off](fashion_tradeoff.png) ![convergence](fashion_convergence.png)", ""]
 
 
+def size_points() -> list[dict[str, Any]]:
+    """Finished runs of the size sweep, plus width 1 from the grouping sweep (fixed all-layer / layer-wise)."""
+    points = []
+    size = sweep("fashion_size.toml")
+    for point, final in collect(size) if size else []:
+        points.append({"width": float(point["width"]), "grouping": point["grouping"], "final": final})
+    grouping = sweep("fashion_grouping.toml")
+    for point, final in collect(grouping) if grouping else []:
+        if point["clipping"] == "fixed" and point["grouping"] in ("all-layer", "layer-wise"):
+            points.append({"width": 1.0, "grouping": point["grouping"], "final": final})
+    return points
+
+
 def fashion_size(lines: list[str]) -> None:
-    spec = sweep("fashion_size.toml")
-    rows = summarise(spec) if spec else []
     lines += ["## Fashion-MNIST: model size (CNN width), all-layer vs layer-wise (eps = 3)", ""]
-    if not rows:
-        lines += ["Not run yet.", ""]
+    points = size_points()
+    if not any(p["width"] != 1.0 for p in points):
+        lines += ["Widths 0.5 and 2 not run yet (`" + command("fashion_size.toml") + "`).", ""]
         return
-    lines += [f"Command: `{command('fashion_size.toml')}`", "", render_table(spec, rows), ""]
-    params = {r["width"]: r["runs"][0].get("parameters") for r in rows}
+    table = defaultdict(list)
+    for p in points:
+        table[(p["width"], p["grouping"])].append(p["final"])
+    lines += [f"Commands: `{command('fashion_size.toml')}` (widths 0.5, 2); width 1 from the grouping sweep.", ""]
+    lines += ["| width | parameters | grouping | n | mean accuracy | runs |", "|---|---:|---|---:|---:|---|"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for grouping in ("all-layer", "layer-wise"):
-        chosen = sorted((r for r in rows if r["grouping"] == grouping), key=lambda r: float(r["width"]))
-        ax.errorbar(
-            [params[r["width"]] for r in chosen],
-            [100 * r["mean"] for r in chosen],
-            yerr=[100 * r["std"] for r in chosen],
-            marker="o",
-            capsize=3,
-            label=grouping,
-        )
+        rows = sorted((w, finals) for (w, g), finals in table.items() if g == grouping)
+        xs, ys = [], []
+        for width, finals in rows:
+            accs = [f["test_accuracy"] for f in finals]
+            params = finals[0]["info"]["parameters"]
+            runs = ", ".join(f"{a:.4f}" for a in accs)
+            lines.append(
+                f"| {width:g} | {params:,} | {grouping} | {len(accs)} | {statistics.fmean(accs):.4f} | {runs} |"
+            )
+            xs.append(params)
+            ys.append(100 * statistics.fmean(accs))
+        ax.plot(xs, ys, marker="o", label=grouping)
     ax.set(
         xscale="log",
         xlabel="parameters",
@@ -146,7 +165,7 @@ def fashion_size(lines: list[str]) -> None:
     fig.tight_layout()
     fig.savefig(os.path.join(OUT, "fashion_size.png"), dpi=120)
     plt.close(fig)
-    lines += ["![size](fashion_size.png)", ""]
+    lines += ["", "![size](fashion_size.png)", ""]
 
 
 def simple(lines: list[str], spec_file: str, title: str) -> SweepSpec | None:

@@ -9,7 +9,7 @@ import sys
 
 from .datasets import DatasetMissingError
 from .errors import GroupClipError
-from .training.recipe import RecipeError, parse_value
+from .training.recipe import RecipeError, parse_override
 
 # Shortcut flags of `groupclip train`: flag -> (recipe field, type, help).
 TRAIN_SHORTCUTS: dict[str, tuple[str, type, str]] = {
@@ -64,11 +64,7 @@ def _train_overrides(args) -> list[str] | dict:
         overrides["clipping.adaptive"] = True
     if args.non_private:
         overrides["privacy.private"] = False
-    for text in args.set:
-        if "=" not in text:
-            raise RecipeError(f"--set {text!r}: expected section.field=value (e.g. clipping.grouping=layer-wise).")
-        key, value = text.split("=", 1)
-        overrides[key.strip()] = parse_value(value.strip())
+    overrides.update(parse_override(text) for text in args.set)
     if "clipping.grouping" in overrides and isinstance(overrides["clipping.grouping"], str):
         grouping = overrides["clipping.grouping"]
         overrides["clipping.grouping"] = int(grouping) if grouping.isdigit() else grouping

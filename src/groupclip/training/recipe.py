@@ -216,6 +216,12 @@ def _split(override: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
+def parse_override(override: str) -> tuple[str, Any]:
+    """``"section.field=value"`` -> ``("section.field", parsed value)`` (see :func:`parse_value`)."""
+    key, value = _split(override)
+    return key, parse_value(value)
+
+
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(recipe)))
 

@@ -335,7 +335,11 @@ class _PrivateLoop(_Loop):
             adaptive=adaptive,
             seed=recipe.run.seed,
         )
-        self.loader = self.private.poisson_loader(setup.train, collate_fn=setup.collate)
+        try:
+            self.loader = self.private.poisson_loader(setup.train, collate_fn=setup.collate)
+        except BaseException:
+            self.private.detach()  # no hooks left behind on the user's model and optimizer
+            raise
 
     def planned_steps(self) -> int:
         return expected_steps(self.recipe.schedule.batch_size / self.data_size, self.recipe.schedule.epochs)

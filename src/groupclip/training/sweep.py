@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from .recipe import RecipeError, apply_overrides, load_recipe, parse_value
+from .recipe import RecipeError, apply_overrides, load_recipe, parse_override, parse_value
 
 
 @dataclass
@@ -112,12 +112,7 @@ def sweep_from_flags(name: str, recipe: str, axes: list[str], common: list[str],
         key, values = text.split("=", 1)
         field_name = key.split(".")[-1]
         parsed.append(Axis(field_name, {_label(parse_value(v)): {key: parse_value(v)} for v in values.split(",")}))
-    overrides = {}
-    for text in common:
-        if "=" not in text:
-            raise RecipeError(f"--set {text!r}: expected section.field=value.")
-        key, value = text.split("=", 1)
-        overrides[key] = parse_value(value)
+    overrides = dict(parse_override(text) for text in common)
     spec = SweepSpec(name=name, recipe=recipe, axes=parsed, common=overrides, repeat=repeat)
     check_sweep(spec)
     return spec
@@ -236,7 +231,7 @@ def summarise(spec: SweepSpec) -> list[dict[str, Any]]:
                 "metric": headline,
                 "n": len(values),
                 "mean": statistics.fmean(values) if values else None,
-                "std": statistics.stdev(values) if len(values) > 1 else 0.0 if values else None,
+                "std": statistics.stdev(values) if len(values) > 1 else None,
                 "min": min(values, default=None),
                 "max": max(values, default=None),
                 "epsilon": _mean([r["epsilon"] for r in runs]),
