@@ -8,7 +8,7 @@ G=${GROUPCLIP:-.venv/bin/groupclip}
 $G sweep benchmarks/studies/fashion_grouping.toml --jobs 2 --only grouping=all-layer,layer-wise --only clipping=fixed
 $G sweep benchmarks/studies/shakespeare.toml --jobs 2
 $G sweep benchmarks/studies/rotten_tomatoes.toml --jobs 2 --only setting=all-layer,non-private,layer-wise,layer-wise-adaptive
-$G sweep benchmarks/studies/rotten_tomatoes.toml --only setting=all-layer-8-epochs
+$G sweep benchmarks/studies/rotten_tomatoes.toml --only setting=all-layer-8-epochs,non-private-bitfit
 $G sweep benchmarks/studies/fashion_grouping.toml --jobs 2 --only seed=0 --only grouping=all-layer,layer-wise
 $G sweep benchmarks/studies/fashion_grouping.toml --jobs 2 --only seed=0
 $G sweep benchmarks/studies/rotten_tomatoes.toml --jobs 2
