@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every study sweep, in priority order, then the study page. Resumable: run it again to continue where it stopped
-# (finished runs are skipped). About 6 hours on a 2-core CPU; each sweep line can also be run on its own.
+# (finished runs are skipped). About 10 hours of 2-core CPU in all (a fashion run is ~20 min on one thread); each
+# sweep line can also be run on its own.
 #   bash benchmarks/studies/run_all.sh        (or: make study)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
