@@ -93,13 +93,6 @@ def accuracy_and_loss(model: nn.Module, x: Tensor, y: Tensor, batch: int = 1000)
     return correct / len(y), loss / len(y)
 
 
-def _stack(items: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    if not items:  # a Poisson batch can be empty
-        return torch.empty(0, 1, 28, 28), torch.empty(0, dtype=torch.long)
-    xs, ys = zip(*items, strict=True)
-    return torch.stack(xs), torch.stack(ys)
-
-
 @register_task("image-classification")
 def build_image_classification(data: dict[str, Any], model: dict[str, Any], seed: int) -> TaskSetup:
     """Image classification; ``[data]``: name, limit, test_limit; ``[model]``: name, width, extra_convs."""
@@ -125,7 +118,6 @@ def build_image_classification(data: dict[str, Any], model: dict[str, Any], seed
         headline="test_accuracy",
         higher_is_better=True,
         example_batch=(train.x[:4], train.y[:4]),
-        collate=_stack,
         info={
             "data": data["name"],
             "train_size": len(train),
