@@ -28,6 +28,7 @@ TRAIN_SHORTCUTS: dict[str, tuple[str, type, str]] = {
     "--optimizer": ("optimizer.name", str, "sgd | adam | adamw"),
     "--seed": ("run.seed", int, "seed of the model, sampler and noise"),
     "--threads": ("run.threads", int, "torch threads (0: default)"),
+    "--device": ("run.device", str, "cpu, cuda, cuda:N or auto (CUDA when available)"),
     "--max-steps": ("schedule.max_steps", int, "stop after this many steps (privacy still planned for all)"),
     "--limit": ("data.limit", int, "use only the first N training examples"),
 }

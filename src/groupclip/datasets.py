@@ -84,16 +84,19 @@ def read_idx(path: str) -> np.ndarray:
     return data.reshape(dims)
 
 
-def load_fashion_mnist(root: str = FASHION_MNIST_DIR, limit: int | None = None) -> tuple[TensorSplit, TensorSplit]:
+def load_fashion_mnist(root: str | None = None, limit: int | None = None) -> tuple[TensorSplit, TensorSplit]:
     """Fashion-MNIST (60,000 train / 10,000 test, 10 classes) as ``1x28x28`` float32, standardised.
 
     Args:
-        root: folder with ``{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz`` (Debian ``dataset-fashion-mnist``).
+        root: folder with ``{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz``; default: ``$GROUPCLIP_FASHION_MNIST_DIR``
+            if set, else the Debian ``dataset-fashion-mnist`` folder ``/usr/share/datasets/fashion-mnist``.
         limit: keep the first ``limit`` images of each split (for quick runs and tests).
 
     Raises:
         DatasetMissingError: the files are missing; names the install command.
     """
+
+    root = root or os.environ.get("GROUPCLIP_FASHION_MNIST_DIR") or FASHION_MNIST_DIR
 
     def split(prefix: str) -> TensorSplit:
         images_path = os.path.join(root, f"{prefix}-images-idx3-ubyte.gz")
@@ -102,7 +105,8 @@ def load_fashion_mnist(root: str = FASHION_MNIST_DIR, limit: int | None = None) 
             if not os.path.exists(path):
                 raise DatasetMissingError(
                     f"Fashion-MNIST file {path} is missing; install the data set with: {FASHION_MNIST_INSTALL} "
-                    "(Debian/Ubuntu, as root), or pass root= to a folder holding the IDX files."
+                    "(Debian/Ubuntu, as root), or point GROUPCLIP_FASHION_MNIST_DIR (or root=) at a folder holding "
+                    "the IDX files."
                 )
         images = read_idx(images_path)[:limit]
         labels = read_idx(labels_path)[:limit]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -12,8 +13,8 @@ from torch import nn
 from groupclip.accounting import compute_epsilon
 from groupclip.training import apply_overrides, load_recipe, train
 from groupclip.training.recipe import RecipeError, ScheduleConfig
-from groupclip.training.runner import execution_order, lr_factor
-from groupclip.training.tasks import build_task
+from groupclip.training.runner import execution_order, lr_factor, resolve_device
+from groupclip.training.tasks import build_task, to_device
 
 # Each recipe shrunk to a tiny subset and one epoch (a few steps): the recipe's own code path end to end.
 TINY = {
@@ -56,7 +57,9 @@ def test_one_epoch_smoke_run_of_each_recipe(name, tmp_path):
     result = train(recipe, str(tmp_path), progress=False, log=lambda _: None)
     files = {p.name for p in tmp_path.iterdir()}
     assert {"config.toml", "metrics.jsonl", "final.json"} <= files
-    assert load_recipe(str(tmp_path / "config.toml")) == recipe
+    # config.toml is the recipe as run: the device resolved ("auto" -> the one used)
+    resolved = dataclasses.replace(recipe, run=dataclasses.replace(recipe.run, device=result["device"]))
+    assert load_recipe(str(tmp_path / "config.toml")) == resolved
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r.get("kind") != "eval"]
     evals = [r for r in records if r.get("kind") == "eval"]
@@ -142,3 +145,35 @@ def test_bad_task_options_are_named():
         build_task("image-classification", {"name": "mnist5k"}, {"name": "resnet"}, 0)
     with pytest.raises(RecipeError, match="optimizer] name = 'lamb'"):
         train(_tiny("default", **{"optimizer.name": "lamb"}), None, progress=False)
+
+
+def test_device_auto_resolves_and_is_recorded(tmp_path):
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    recipe = apply_overrides(load_recipe("default"), ["data.limit=256", "schedule.max_steps=2", "run.device=auto"])
+    final = train(recipe, str(tmp_path), progress=False, log=lambda _: None)
+    assert final["device"].startswith(expected)
+    assert f'device = "{final["device"]}"' in (tmp_path / "config.toml").read_text()
+
+
+def test_bad_devices_are_recipe_errors():
+    with pytest.raises(RecipeError, match="not a device"):
+        resolve_device("gpu0")
+    with pytest.raises(RecipeError, match="'cpu' or 'cuda'"):
+        resolve_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(RecipeError, match="no CUDA device"):
+            resolve_device("cuda")
+
+
+def test_to_device_moves_nested_batches():
+    batch = {"x": (torch.ones(2), [torch.zeros(1)]), "n": 3}
+    moved = to_device(batch, "cpu")
+    assert torch.equal(moved["x"][0], torch.ones(2)) and isinstance(moved["x"][1], list) and moved["n"] == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_default_recipe_runs_on_cuda(tmp_path):
+    recipe = apply_overrides(load_recipe("default"), ["data.limit=256", "schedule.max_steps=2", "run.device=cuda"])
+    final = train(recipe, str(tmp_path), progress=False, log=lambda _: None)
+    assert final["device"].startswith("cuda") and final["peak_gpu_memory_mb"] > 0

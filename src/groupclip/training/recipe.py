@@ -85,6 +85,7 @@ class ScheduleConfig:
 class RunConfig:
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    device: str = "auto"  # "cpu", "cuda", "cuda:N" or "auto" (CUDA when available); the run folder records the one used
 
 
 @dataclass

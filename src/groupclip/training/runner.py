@@ -15,6 +15,7 @@ train the same model with shuffled batches of ``batch_size`` and the mean loss.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -33,7 +34,7 @@ from ..private import make_private
 from ..sampling import expected_steps, physical_batches
 from .progress import ProgressBar
 from .recipe import OptimizerConfig, Recipe, RecipeError, ScheduleConfig, recipe_to_toml
-from .tasks import TaskSetup, build_task
+from .tasks import TaskSetup, build_task, to_device
 
 
 def build_optimizer(config: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -101,6 +102,25 @@ def grouping_for(recipe: Recipe, setup: TaskSetup) -> Any:
     return lambda name, _param: group_of[name]
 
 
+def resolve_device(name: str) -> torch.device:
+    """``run.device`` as a :class:`torch.device`: ``"auto"`` is CUDA when available, else CPU.
+
+    Raises:
+        RecipeError: an unknown device name, or CUDA asked for where none is available.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise RecipeError(f"[run] device = {name!r} is not a device: use 'cpu', 'cuda', 'cuda:N' or 'auto'.") from err
+    if device.type not in ("cpu", "cuda"):
+        raise RecipeError(f"[run] device = {name!r}: recipes run on 'cpu' or 'cuda' (or 'auto').")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(f"[run] device = {name!r} but this machine has no CUDA device; use --device cpu or auto.")
+    return device
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -148,10 +168,16 @@ def train(
 ) -> dict[str, Any]:
     """Train ``recipe``; returns the final metrics (also written to ``run_dir/final.json`` when given)."""
     start = time.perf_counter()
+    device = resolve_device(recipe.run.device)
+    recipe = dataclasses.replace(recipe, run=dataclasses.replace(recipe.run, device=str(device)))
     if recipe.run.threads:
         torch.set_num_threads(recipe.run.threads)
     torch.manual_seed(recipe.run.seed)
     setup = build_task(recipe.task, recipe.data, recipe.model, recipe.run.seed)
+    setup.model.to(device)
+    setup.example_batch = to_device(setup.example_batch, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     writer = RunWriter(run_dir, recipe)
     try:
         loop = _PrivateLoop(recipe, setup) if recipe.privacy.private else _PlainLoop(recipe, setup)
@@ -172,6 +198,7 @@ class _Loop:
         self.recipe = recipe
         self.setup = setup
         self.model = setup.model
+        self.device = torch.device(recipe.run.device)
         self.optimizer = build_optimizer(recipe.optimizer, self.model)
         self.data_size = len(setup.train)
         if self.data_size < 1:
@@ -219,7 +246,7 @@ class _Loop:
         while step < self.total_steps:
             for batch in self.batches():
                 began = time.perf_counter()
-                record = self.step(batch)
+                record = self.step(to_device(batch, self.device))
                 self.scheduler.step()
                 train_time += time.perf_counter() - began
                 step += 1
@@ -263,6 +290,8 @@ class _Loop:
             "train_time_s": train_time,
             "wall_time_s": time.perf_counter() - start,
             "peak_rss_mb": peak_rss_mb(),
+            "device": str(self.device),
+            **_gpu_facts(self.device),
         }
 
     def epsilon(self) -> float | None:
@@ -398,6 +427,15 @@ class _PrivateLoop(_Loop):
 
     def close(self) -> None:
         self.private.detach()
+
+
+def _gpu_facts(device: torch.device) -> dict[str, Any]:
+    if device.type != "cuda":
+        return {}
+    return {
+        "gpu": torch.cuda.get_device_name(device),
+        "peak_gpu_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+    }
 
 
 def _batch_size(batch: Any) -> int:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
@@ -22,10 +23,11 @@ class TaskSetup:
     """Everything the runner needs from a task.
 
     Attributes:
-        model: the model to train (float32, on CPU).
+        model: the model to train (float32, on CPU; the runner moves it to the recipe's device).
         train: the training set; items are tuples of tensors (``collate`` batches them).
         loss: ``loss(model, batch) -> Tensor``: the SUM over the batch of the per-sample losses (a scalar).
-        evaluate: ``evaluate(model) -> {metric: value}`` on held-out data (the model is put back in train mode).
+        evaluate: ``evaluate(model) -> {metric: value}`` on held-out data, on the model's device (see
+            :func:`model_device`; the model is put back in train mode).
         headline: the key of ``evaluate``'s result quoted as the run's result (e.g. ``"test_accuracy"``).
         higher_is_better: whether a larger headline is better.
         collate: ``DataLoader`` collate function (``None``: the default stacking).
@@ -75,6 +77,26 @@ def take_options(section: str, given: Mapping[str, Any], defaults: Mapping[str, 
     if unknown:
         raise RecipeError(f"Unknown key(s) {unknown} in [{section}]; this task reads {sorted(defaults)}.")
     return {**defaults, **given}
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (CPU for a model without parameters)."""
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+def to_device(batch: Any, device: torch.device | str) -> Any:
+    """``batch`` with every tensor in it (nested tuples, lists and dicts too) moved to ``device``."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple
+        return type(batch)(*(to_device(item, device) for item in batch))
+    if isinstance(batch, tuple | list):
+        return type(batch)(to_device(item, device) for item in batch)
+    if isinstance(batch, dict):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    return batch
 
 
 def _load_builtin_tasks() -> None:

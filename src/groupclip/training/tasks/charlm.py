@@ -30,7 +30,7 @@ from torch.utils.data import TensorDataset
 
 from ...datasets import CharCorpus, load_shakespeare
 from ..recipe import RecipeError
-from . import TaskSetup, register_task, take_options
+from . import TaskSetup, model_device, register_task, take_options, to_device
 
 DATA_DEFAULTS: dict[str, Any] = {
     "name": "shakespeare",
@@ -83,10 +83,11 @@ def mean_token_loss(model: nn.Module, data: TensorDataset, batch: int = EVAL_BAT
     was_training = model.training
     model.eval()
     inputs, targets = data.tensors
+    device = model_device(model)
     total = 0.0
     try:
         for start in range(0, len(inputs), batch):
-            chunk = (inputs[start : start + batch], targets[start : start + batch])
+            chunk = to_device((inputs[start : start + batch], targets[start : start + batch]), device)
             total += float(per_sample_loss(model, chunk).sum())
     finally:
         model.train(was_training)

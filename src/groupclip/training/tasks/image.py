@@ -19,7 +19,7 @@ from torch.utils.data import TensorDataset
 
 from ...datasets import TensorSplit, load_fashion_mnist, load_mnist5k
 from ..recipe import RecipeError
-from . import TaskSetup, register_task, take_options
+from . import TaskSetup, model_device, register_task, take_options
 
 
 def tanh_cnn(width: float = 1.0, extra_convs: int = 0, num_classes: int = 10) -> nn.Sequential:
@@ -84,11 +84,13 @@ def accuracy_and_loss(model: nn.Module, x: Tensor, y: Tensor, batch: int = 1000)
     """Accuracy and mean cross-entropy of ``model`` on ``(x, y)`` (eval mode; train mode restored)."""
     was_training = model.training
     model.eval()
+    device = model_device(model)
     correct, loss = 0, 0.0
     for start in range(0, len(y), batch):
-        logits = model(x[start : start + batch])
-        correct += int((logits.argmax(1) == y[start : start + batch]).sum())
-        loss += float(F.cross_entropy(logits, y[start : start + batch], reduction="sum"))
+        labels = y[start : start + batch].to(device)
+        logits = model(x[start : start + batch].to(device))
+        correct += int((logits.argmax(1) == labels).sum())
+        loss += float(F.cross_entropy(logits, labels, reduction="sum"))
     model.train(was_training)
     return correct / len(y), loss / len(y)
 

@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 
 from ...datasets import TextSplit, load_rotten_tomatoes, minilm_path
 from ..recipe import RecipeError
-from . import TaskSetup, register_task, take_options
+from . import TaskSetup, model_device, register_task, take_options, to_device
 
 Batch = tuple[Tensor, Tensor, Tensor]
 DATA_DEFAULTS: dict[str, Any] = {
@@ -119,7 +119,9 @@ def accuracy_and_loss(model: nn.Module, data: TokenizedText, collate: PadCollate
     model.eval()
     correct, loss = 0, 0.0
     try:
-        for input_ids, attention_mask, labels in _eval_batches(data, collate):
+        device = model_device(model)
+        for batch in _eval_batches(data, collate):
+            input_ids, attention_mask, labels = to_device(batch, device)
             logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
             correct += int((logits.argmax(1) == labels).sum())
             loss += float(F.cross_entropy(logits, labels, reduction="sum"))
