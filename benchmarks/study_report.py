@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/study_report.py          # writes benchmarks/results/studies/STUDY.md and *.png
 
 It re-reads every finished run (``final.json``, ``metrics.jsonl``) of the sweeps in ``benchmarks/studies/`` and
-re-runs nothing. A sweep with no finished run is listed as not run.
+re-runs nothing. A sweep with no finished run is listed as not run. The Fashion-MNIST grid and size study come from
+the GPU sweeps (``*_gpu.toml``); the CPU grid ``fashion_grouping`` is shown as a cross-check of the cells both have.
 """
 
 from __future__ import annotations
@@ -26,15 +27,32 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 STUDIES = os.path.join(HERE, "studies")
 OUT = os.path.join(HERE, "results", "studies")
 GROUPING_ORDER = ["all-layer", "2", "4", "layer-wise", "param-wise"]
+CLIPPING_MARKERS = {"fixed": "o", "adaptive": "s", "automatic": "^"}
+GRID, CPU_GRID, SIZE = "fashion_grouping_gpu.toml", "fashion_grouping.toml", "fashion_size_gpu.toml"
+Row = dict[str, Any]
 
 
-def command(spec_file: str) -> str:
-    return f"groupclip sweep benchmarks/studies/{spec_file} --jobs 2"
+def command(spec_file: str, jobs: int = 2, only: str = "") -> str:
+    return f"`groupclip sweep benchmarks/studies/{spec_file} --jobs {jobs}{' ' + only if only else ''}`"
 
 
 def sweep(spec_file: str) -> SweepSpec | None:
     path = os.path.join(STUDIES, spec_file)
     return load_sweep(path) if os.path.exists(path) else None
+
+
+def pct(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{100 * value:.{digits}f}"
+
+
+def num(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def devices(finals: list[dict[str, Any]]) -> str:
+    """The devices the runs report (runs that predate the ``device`` field ran on the 2-core CPU)."""
+    names = {f.get("gpu") or ("CPU" if f.get("device", "cpu") == "cpu" else f["device"]) for f in finals}
+    return ", ".join(sorted(names))
 
 
 def eval_curve(run_dir: str, metric: str) -> tuple[list[int], list[float]]:
@@ -56,47 +74,62 @@ def mean_curve(curves: list[tuple[list[int], list[float]]]) -> tuple[list[int], 
     return steps, [statistics.fmean(c[1][i] for c in curves) for i in range(common)]
 
 
-def fashion_grouping(lines: list[str]) -> None:
-    spec = sweep("fashion_grouping.toml")
-    rows = summarise(spec) if spec else []
-    lines += ["## Fashion-MNIST: accuracy by grouping and clipping (eps = 3, delta = 1e-5)", ""]
-    if not rows:
-        lines += ["Not run yet.", ""]
-        return
-    lines += [f"Command: `{command('fashion_grouping.toml')}`", "", render_table(spec, rows), ""]
-    # trade-off figure: accuracy vs peak kept memory, one marker per grouping, one colour per clipping variant
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for variant, marker in (("fixed", "o"), ("adaptive", "s"), ("automatic", "^")):
-        chosen = [r for r in rows if r["clipping"] == variant and r["mean"] is not None]
-        if not chosen:
-            continue
-        ax.errorbar(
-            [r["peak_kept_mb"] for r in chosen],
-            [100 * r["mean"] for r in chosen],
-            yerr=[100 * (r["std"] or 0) for r in chosen],
-            fmt=marker,
-            label=variant,
-            capsize=3,
-        )
-        for r in chosen:
-            ax.annotate(
-                r["grouping"],
-                (r["peak_kept_mb"], 100 * r["mean"]),
-                fontsize=7,
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
-    ax.set(
-        xlabel="peak memory kept by the clipping engine (MB, batch 2048)",
-        ylabel="test accuracy (%)",
-        title="Fashion-MNIST, eps=3: accuracy vs memory per grouping",
+def accuracy_table(axes: list[str], rows: list[Row]) -> list[str]:
+    """Mean/std/min/max of the headline in percent, with epsilon, engine-kept memory and wall time per run."""
+    out = [
+        "| " + " | ".join([*axes, "n", "mean %", "std", "min", "max", "epsilon", "kept MB", "min/run"]) + " |",
+        "|" + "---|" * len(axes) + "---:|" * 8,
+    ]
+    for r in rows:
+        cells = [r[a] for a in axes] + [str(r["n"]), pct(r["mean"]), pct(r["std"]), pct(r["min"]), pct(r["max"])]
+        cells += [num(r["epsilon"], 2), num(r["peak_kept_mb"]), num(r["wall_time_min"])]
+        out.append("| " + " | ".join(cells) + " |")
+    return [*out, ""]
+
+
+def ordered(rows: list[Row]) -> list[Row]:
+    return sorted(
+        rows, key=lambda r: (GROUPING_ORDER.index(r["grouping"]), list(CLIPPING_MARKERS).index(r["clipping"]))
     )
-    ax.legend(title="clipping")
+
+
+def tradeoff_plot(rows: list[Row]) -> None:
+    """Accuracy vs engine-kept memory; colour = grouping, marker = clipping; same-memory points spread sideways."""
+    fig, ax = plt.subplots(figsize=(7.2, 4.8))
+    colours = {g: f"C{i}" for i, g in enumerate(GROUPING_ORDER)}
+    for r in rows:
+        same_mb = sorted(
+            {q["grouping"] for q in rows if q["peak_kept_mb"] == r["peak_kept_mb"]}, key=GROUPING_ORDER.index
+        )
+        shift = 0.6 * (same_mb.index(r["grouping"]) - (len(same_mb) - 1) / 2)
+        shift += 0.15 * (list(CLIPPING_MARKERS).index(r["clipping"]) - 1)
+        ax.errorbar(
+            r["peak_kept_mb"] + shift,
+            100 * r["mean"],
+            yerr=100 * (r["std"] or 0),
+            fmt=CLIPPING_MARKERS[r["clipping"]],
+            color=colours[r["grouping"]],
+            capsize=3,
+            markersize=6,
+        )
+    for grouping, colour in colours.items():
+        ax.plot([], [], "o", color=colour, label=f"grouping: {grouping}")
+    for clipping, marker in CLIPPING_MARKERS.items():
+        ax.plot([], [], marker, color="grey", label=f"clipping: {clipping}")
+    ax.set(
+        xlabel="peak memory kept by the clipping engine (MB, batch 2048; equal values drawn side by side)",
+        ylabel="test accuracy (%), mean ± std over 3 seeds",
+        title="Fashion-MNIST, eps=3 (H100): accuracy vs kept memory",
+    )
+    ax.legend(fontsize=8, ncol=2, loc="center right")
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.path.join(OUT, "fashion_tradeoff.png"), dpi=120)
     plt.close(fig)
-    # convergence: test accuracy vs step per grouping (fixed thresholds), mean over seeds
-    by_grouping: dict[str, list] = defaultdict(list)
+
+
+def convergence_plot(spec: SweepSpec) -> None:
+    by_grouping: dict[str, list[tuple[list[int], list[float]]]] = defaultdict(list)
     for point, _final in collect(spec):
         if point["clipping"] == "fixed":
             by_grouping[point["grouping"]].append(eval_curve(point_dir(spec, point), "test_accuracy"))
@@ -106,77 +139,161 @@ def fashion_grouping(lines: list[str]) -> None:
         ax.plot(steps, [100 * v for v in values], label=f"{grouping} (n={len(by_grouping[grouping])})")
     ax.set(
         xlabel="step (logical batch 2048)",
-        ylabel="test accuracy (%)",
-        ylim=(60, 90),
-        title="Fashion-MNIST, eps=3: convergence per grouping (fixed Abadi)",
+        ylabel="test accuracy (%), mean over seeds",
+        ylim=(75, 88),
+        title="Fashion-MNIST, eps=3 (H100): convergence per grouping (fixed Abadi)",
     )
     ax.legend()
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.path.join(OUT, "fashion_convergence.png"), dpi=120)
     plt.close(fig)
+
+
+def fashion_grouping(lines: list[str]) -> None:
+    spec = sweep(GRID)
+    rows = ordered(summarise(spec)) if spec else []
+    lines += ["## Fashion-MNIST: accuracy by grouping and clipping (eps = 3, delta = 1e-5)", ""]
+    if not spec or not rows:
+        lines += [f"Not run yet ({command(GRID, 14)}).", ""]
+        return
+    finals = [f for _p, f in collect(spec)]
+    lines += [f"Command: {command(GRID, 14)}. Device: {devices(finals)}.", ""]
+    lines += accuracy_table(["grouping", "clipping"], rows)
+    tradeoff_plot(rows)
+    convergence_plot(spec)
     lines += ["![trade-off](fashion_tradeoff.png) ![convergence](fashion_convergence.png)", ""]
 
 
-def size_points() -> list[dict[str, Any]]:
-    """Finished runs of the size sweep, plus width 1 from the grouping sweep (fixed all-layer / layer-wise)."""
-    points = []
-    size = sweep("fashion_size.toml")
+def accuracies(spec_file: str) -> dict[tuple[str, str, str], float]:
+    spec = sweep(spec_file)
+    return {(p["grouping"], p["clipping"], p["seed"]): f["test_accuracy"] for p, f in (collect(spec) if spec else [])}
+
+
+def cpu_cross_check(lines: list[str]) -> None:
+    cpu, gpu = accuracies(CPU_GRID), accuracies(GRID)
+    cells = sorted({k[:2] for k in cpu}, key=lambda c: (GROUPING_ORDER.index(c[0]), list(CLIPPING_MARKERS).index(c[1])))
+    lines += ["## Fashion-MNIST: CPU vs H100 cross-check (same recipe, same seeds)", ""]
+    if not cells:
+        lines += ["No CPU runs.", ""]
+        return
+    fixed = command(CPU_GRID, 2, "--only grouping=all-layer,layer-wise --only clipping=fixed")
+    seed0 = command(CPU_GRID, 2, "--only grouping=all-layer --only seed=0")
+    lines += [
+        f"CPU: 2-core Xeon VM, 1 thread per run, 2 at a time: {fixed} and {seed0}. H100: {command(GRID, 14)}.",
+        "",
+        "| grouping | clipping | seeds | CPU mean % | H100 mean % | H100 - CPU | CPU runs | H100 runs |",
+        "|---|---|---|---:|---:|---:|---|---|",
+    ]
+    for grouping, clipping in cells:
+        seeds = sorted(s for g, c, s in cpu if (g, c) == (grouping, clipping) and (g, c, s) in gpu)
+        a = [cpu[(grouping, clipping, s)] for s in seeds]
+        b = [gpu[(grouping, clipping, s)] for s in seeds]
+        if not seeds:
+            continue
+        ma, mb = statistics.fmean(a), statistics.fmean(b)
+        lines.append(
+            f"| {grouping} | {clipping} | {','.join(seeds)} | {pct(ma)} | {pct(mb)} | {100 * (mb - ma):+.2f} | "
+            f"{', '.join(pct(x) for x in a)} | {', '.join(pct(x) for x in b)} |"
+        )
+    lines.append("")
+
+
+def size_points() -> dict[tuple[float, str], list[dict[str, Any]]]:
+    """Finished runs of the size sweep, plus width 1 from the GPU grid (fixed all-layer / layer-wise, same recipe)."""
+    table: dict[tuple[float, str], list[dict[str, Any]]] = defaultdict(list)
+    size = sweep(SIZE)
     for point, final in collect(size) if size else []:
-        points.append({"width": float(point["width"]), "grouping": point["grouping"], "final": final})
-    grouping = sweep("fashion_grouping.toml")
-    for point, final in collect(grouping) if grouping else []:
+        table[(float(point["width"]), point["grouping"])].append(final)
+    grid = sweep(GRID)
+    for point, final in collect(grid) if grid else []:
         if point["clipping"] == "fixed" and point["grouping"] in ("all-layer", "layer-wise"):
-            points.append({"width": 1.0, "grouping": point["grouping"], "final": final})
-    return points
+            table[(1.0, point["grouping"])].append(final)
+    return table
 
 
 def fashion_size(lines: list[str]) -> None:
     lines += ["## Fashion-MNIST: model size (CNN width), all-layer vs layer-wise (eps = 3)", ""]
-    points = size_points()
-    if not any(p["width"] != 1.0 for p in points):
-        lines += ["Widths 0.5 and 2 not run yet (`" + command("fashion_size.toml") + "`).", ""]
+    table = size_points()
+    if not any(width != 1.0 for width, _g in table):
+        lines += [f"Widths 0.5, 2, 4 not run yet ({command(SIZE, 14)}).", ""]
         return
-    table = defaultdict(list)
-    for p in points:
-        table[(p["width"], p["grouping"])].append(p["final"])
-    lines += [f"Commands: `{command('fashion_size.toml')}` (widths 0.5, 2); width 1 from the grouping sweep.", ""]
-    lines += ["| width | parameters | grouping | n | mean accuracy | runs |", "|---|---:|---|---:|---:|---|"]
+    finals = [f for runs in table.values() for f in runs]
+    lines += [
+        f"Commands: {command(SIZE, 14)} (widths 0.5, 2, 4); width 1 is the grid's fixed all-layer / layer-wise runs "
+        f"({command(GRID, 14)}). Device: {devices(finals)}. gap = layer-wise mean - all-layer mean.",
+        "",
+        "| width | parameters | grouping | n | mean % | std | kept MB | gap (points) |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for grouping in ("all-layer", "layer-wise"):
-        rows = sorted((w, finals) for (w, g), finals in table.items() if g == grouping)
-        xs, ys = [], []
-        for width, finals in rows:
-            accs = [f["test_accuracy"] for f in finals]
-            params = finals[0]["info"]["parameters"]
-            runs = ", ".join(f"{a:.4f}" for a in accs)
-            lines.append(
-                f"| {width:g} | {params:,} | {grouping} | {len(accs)} | {statistics.fmean(accs):.4f} | {runs} |"
-            )
-            xs.append(params)
-            ys.append(100 * statistics.fmean(accs))
-        ax.plot(xs, ys, marker="o", label=grouping)
+    series: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
+    for width, grouping in sorted(table, key=lambda k: (k[0], k[1] != "all-layer")):
+        runs = table[(width, grouping)]
+        accs = [f["test_accuracy"] for f in runs]
+        mean, std = statistics.fmean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0
+        params = runs[0]["info"]["parameters"]
+        base = table.get((width, "all-layer"))
+        gap = "-"
+        if grouping != "all-layer" and base:
+            gap = f"{100 * (mean - statistics.fmean(f['test_accuracy'] for f in base)):+.2f}"
+        lines.append(
+            f"| {width:g} | {params:,} | {grouping} | {len(accs)} | {pct(mean)} | {pct(std)} | "
+            f"{num(runs[0].get('peak_kept_mb'))} | {gap} |"
+        )
+        series[grouping].append((params, 100 * mean, 100 * std))
+    for i, (grouping, points) in enumerate(series.items()):
+        shift = 1.03 if i else 0.97  # spread the two groupings a little so their error bars do not overlap
+        ax.errorbar(
+            [p * shift for p, _m, _s in points],
+            [m for _p, m, _s in points],
+            yerr=[s for _p, _m, s in points],
+            marker="o",
+            capsize=3,
+            label=grouping,
+        )
     ax.set(
         xscale="log",
-        xlabel="parameters",
-        ylabel="test accuracy (%)",
-        title="Fashion-MNIST, eps=3: does the group-wise gap shrink with size?",
+        xlabel="parameters (CNN width 0.5, 1, 2, 4)",
+        ylabel="test accuracy (%), mean ± std over 3 seeds",
+        title="Fashion-MNIST, eps=3 (H100): all-layer vs layer-wise by size",
     )
     ax.legend()
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.path.join(OUT, "fashion_size.png"), dpi=120)
     plt.close(fig)
     lines += ["", "![size](fashion_size.png)", ""]
 
 
-def simple(lines: list[str], spec_file: str, title: str) -> SweepSpec | None:
+def simple(lines: list[str], spec_file: str, title: str, percent: bool = True) -> SweepSpec | None:
+    """A sweep's table: accuracies in percent, any other headline (perplexity) as the sweep's own table."""
     spec = sweep(spec_file)
     rows = summarise(spec) if spec else []
     lines += [f"## {title}", ""]
-    if not rows:
+    if not spec or not rows:
         lines += ["Not run yet.", ""]
         return None
-    lines += [f"Command: `{command(spec_file)}`", "", render_table(spec, rows), ""]
+    finals = [f for _p, f in collect(spec)]
+    axes = [a.name for a in spec.axes if a.name != spec.repeat]
+    table = accuracy_table(axes, rows) if percent else [render_table(spec, rows), ""]
+    lines += [f"Command: {command(spec_file)}. Device: {devices(finals)}.", "", *table]
     return spec
+
+
+def rotten_tomatoes(lines: list[str]) -> None:
+    spec = simple(lines, "rotten_tomatoes.toml", "Rotten Tomatoes: all-MiniLM-L6-v2 fine-tuning (BitFit, 1 seed)")
+    if spec is None:
+        return
+    acc = {p["setting"]: f["test_accuracy"] for p, f in collect(spec)}
+    series = [(eps, acc.get(s)) for eps, s in (("1", "all-layer-eps1"), ("3", "all-layer"), ("8", "all-layer-eps8"))]
+    lines += [
+        "All-layer, 2 epochs, by epsilon: "
+        + " / ".join(f"eps {eps}: {pct(a)}%" for eps, a in series)
+        + f"; majority class 59.0%; non-private {pct(acc.get('non-private'))}% (full fine-tuning), "
+        f"{pct(acc.get('non-private-bitfit'))}% (BitFit).",
+        "",
+    ]
 
 
 def shakespeare_plot(spec: SweepSpec) -> None:
@@ -196,15 +313,18 @@ def main() -> int:
     lines: list[str] = [
         "# The accuracy study (generated by `benchmarks/study_report.py`; commentary in docs/RESULTS.md)",
         "",
-        "Every row is `mean` over the runs finished so far (`n`), with the sample standard deviation and the",
-        "range. `peak kept MB` is the clipping engine's own ledger (tensors kept beyond plain autograd), `peak RSS`",
-        "the whole process (data set included). Machine: 2-core Xeon VM, no GPU; runs use 1 thread, 2 at a time.",
+        "Every row is the mean over the runs finished so far (`n`), with the sample standard deviation and the",
+        "range, in percent. `kept MB` is the clipping engine's own ledger (tensors kept beyond plain autograd,",
+        "`peak_kept_mb`), `min/run` the wall time of one run. Each section names its command and the device its runs",
+        "report in `final.json`: CPU is the 2-core Xeon VM (1 thread per run, 2 at a time); the H100 (one NVIDIA H100",
+        "80GB HBM3) ran 12-14 runs at a time.",
         "",
     ]
     fashion_grouping(lines)
+    cpu_cross_check(lines)
     fashion_size(lines)
-    simple(lines, "rotten_tomatoes.toml", "Rotten Tomatoes: all-MiniLM-L6-v2 fine-tuning")
-    spec = simple(lines, "shakespeare.toml", "Shakespeare: character-level GPT from scratch")
+    rotten_tomatoes(lines)
+    spec = simple(lines, "shakespeare.toml", "Shakespeare: character-level GPT from scratch", percent=False)
     if spec is not None:
         shakespeare_plot(spec)
         lines += ["![perplexity](shakespeare_perplexity.png)", ""]
