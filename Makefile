@@ -28,8 +28,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
 
 bench: $(STAMP)
 	$(BIN)/groupclip bench --suite cpu --rounds 2 --steps 3 --warmup 1 --memory-cap 16GiB --name cpu_suite $(ARGS)

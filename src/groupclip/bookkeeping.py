@@ -45,6 +45,8 @@ class MemoryLedger:
     held_bytes: int = 0
     peak_held_bytes: int = 0
     activation_bytes: int = 0
+    # The engine's ledger over all passes alive at once (pipeline microbatches): held bytes are passed on to it.
+    parent: MemoryLedger | None = field(default=None, repr=False)
     _refs: dict[int, list[int]] = field(default_factory=dict)  # storage ptr -> [refcount, nbytes]
     _activations: set[int] = field(default_factory=set)
 
@@ -58,17 +60,22 @@ class MemoryLedger:
         for ptr, nbytes in contribution_bytes(contribution).items():
             ref = self._refs.setdefault(ptr, [0, nbytes])
             if ref[0] == 0:
-                self.held_bytes += nbytes
+                self._change(nbytes)
             ref[0] += 1
-        self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
 
     def release(self, contribution: Contribution) -> None:
         for ptr in contribution_bytes(contribution):
             ref = self._refs[ptr]
             ref[0] -= 1
             if ref[0] == 0:
-                self.held_bytes -= ref[1]
+                self._change(-ref[1])
                 del self._refs[ptr]
+
+    def _change(self, delta: int) -> None:
+        self.held_bytes += delta
+        self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
+        if self.parent is not None:
+            self.parent._change(delta)
 
 
 @dataclass
@@ -95,17 +102,19 @@ class ClipReport:
 
 
 class PassState:
-    """Bookkeeping of one pass. Owned by the engine; discarded when the next forward pass starts."""
+    """Bookkeeping of one pass. Owned by the engine; discarded when the next forward pass starts (with concurrent
+    passes: when its backward ends; with deferred clipping: when it is clipped)."""
 
-    def __init__(self, batch_size: int | None, loss_scale: float) -> None:
+    def __init__(self, batch_size: int | None, loss_scale: float, parent_ledger: MemoryLedger | None = None) -> None:
         self.batch_size = batch_size
         self.loss_scale = loss_scale  # per-sample loss gradient = loss_scale * gradient of the batch loss
+        self.sequence = 0  # the engine numbers its passes in forward order
         self.uses: list[Use] = []
         self.order: list[int] = []  # param ids in order of first use
         self.forward_done = False
         self.backward_started = False
         self.finished = False
-        self.ledger = MemoryLedger()
+        self.ledger = MemoryLedger(parent=parent_ledger)
         self.param_pending: dict[int, int] = {}
         self.param_uses: dict[int, list[Contribution]] = {}
         self.group_pending: dict[str, int] = {}
@@ -185,12 +194,32 @@ class PassState:
     def pending_groups(self) -> list[str]:
         return [g for g, n in self.group_pending.items() if n > 0 or g not in self.norms]
 
-    def clip_group(self, group: str, threshold: float, clip: Callable[[Tensor, float], Tensor]) -> None:
-        """Clip a complete group: per-sample norms, factors, then the clipped sums of its parameters."""
-        sq = self.group_sq.pop(group, None)
+    def squared_norms(self, group: str) -> Tensor:
+        """``[B]`` squared per-sample norms (of the per-sample losses) of a complete group not yet clipped."""
+        sq = self.group_sq.get(group)
         if sq is None:
-            sq = torch.zeros(self.batch_size or 0, dtype=torch.float32)
-        norms = sq.clamp_min(0).sqrt() * self.loss_scale
+            return torch.zeros(self.batch_size or 0, dtype=torch.float32)
+        return sq.clamp_min(0) * self.loss_scale**2
+
+    def clip_group(
+        self,
+        group: str,
+        threshold: float,
+        clip: Callable[[Tensor, float], Tensor],
+        squared_norms: Tensor | None = None,
+    ) -> None:
+        """Clip a complete group: per-sample norms, factors, then the clipped sums of its parameters.
+
+        ``squared_norms`` (``[B]``, of the per-sample losses) replaces the group's own: the norms of a group that
+        spans processes (all-layer clipping across pipeline stages), summed over the processes' parts.
+        """
+        sq = self.group_sq.pop(group, None)
+        if squared_norms is not None:
+            norms = squared_norms.to(sq.dtype if sq is not None else squared_norms.dtype).clamp_min(0).sqrt()
+        else:
+            if sq is None:
+                sq = torch.zeros(self.batch_size or 0, dtype=torch.float32)
+            norms = sq.clamp_min(0).sqrt() * self.loss_scale
         finite = torch.isfinite(norms)
         if not bool(finite.all()):
             self.non_finite[group] = torch.nonzero(~finite).flatten().tolist()

@@ -89,6 +89,8 @@ def _train(args) -> int:
     out = args.out or os.path.join("runs", recipe.name, time.strftime("%Y%m%d-%H%M%S") + f"-seed{recipe.run.seed}")
     run_dir = None if out == "none" else out
     result = train(recipe, run_dir, progress=not args.no_progress)
+    if result.get("rank", 0) != 0:  # a torchrun launch: rank 0 reports
+        return 0
     _print_result(result, run_dir)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import sys
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
@@ -44,7 +45,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.hooks import RemovableHandle
 
-from .bookkeeping import ClipReport, PassState, Use
+from .bookkeeping import ClipReport, MemoryLedger, PassState, Use
 from .clipping import ClipFunction, get_clip_function, resolve_thresholds, sensitivity
 from .errors import (
     AttachError,
@@ -76,12 +77,17 @@ _SEQUENCE_FIRST = (nn.MultiheadAttention, nn.RNNBase)
 class _Frame:
     """One active call of a hooked module (between its pre-hook and its hook)."""
 
-    __slots__ = ("disabled", "fired", "random_state")
+    __slots__ = ("canonical", "disabled", "fired", "names", "random_state")
 
     def __init__(self) -> None:
         self.disabled: list[nn.Parameter] = []
+        self.canonical: dict[int, nn.Parameter] = {}  # id(swapped-in tensor) -> the attach-time parameter
+        self.names: dict[int, str] = {}  # id(tensor in a slot at the pre-hook) -> its name relative to the module
         self.fired: set[int] = set()
         self.random_state: RandomState | None = None
+
+    def canon(self, p: nn.Parameter) -> nn.Parameter:
+        return self.canonical.get(id(p), p)
 
 
 class ClippingEngine:
@@ -133,6 +139,30 @@ class ClippingEngine:
         self.last_report: ClipReport | None = None
         self.peak_held_bytes = 0
         self.nonfinite_passes = 0  # backward passes refused for non-finite norms (nothing written)
+        # True: such a pass writes nothing and raises nothing (the caller checks nonfinite_passes; data parallel
+        # training raises at optimizer.step() on every rank together instead of in one rank's backward).
+        self.defer_nonfinite_error = False
+        # Parameter swapping wrappers (FSDP2, groupclip.distributed.sharded). parameter_alias(p) maps a tensor a
+        # wrapper put into a parameter's slot (FSDP2's unsharded parameter) to the parameter the slot held at
+        # attach (the sharded one), which keys groups and clipped sums. grad_sink, if set, receives every finished
+        # pass' clipped sums [(attach-time parameter, full-shape sum)] -- or None for a pass refused for
+        # non-finite norms -- instead of their being added to .grad; it returns whether the pass started a new
+        # logical batch (ClipReport.started_fresh).
+        self.parameter_alias: Callable[[nn.Parameter], nn.Parameter] | None = None
+        self.grad_sink: Callable[[list[tuple[nn.Parameter, Tensor]] | None], bool] | None = None
+        # Called with the module before the generic fallback re-runs it in the backward pass (which reads the
+        # module's parameters): FSDP2 all-gathers them again if it resharded them (groupclip.distributed.sharded).
+        self.before_generic_rerun: Callable[[nn.Module], None] | None = None
+        # Pipeline parallelism (groupclip.distributed.pipeline). concurrent_passes: several forward passes
+        # (microbatches) may await their backward at once, each backward finishing its own pass. defer_clipping: a
+        # finished pass is kept, not clipped, until clip_deferred() gets the per-sample norms summed over processes
+        # (a group spanning pipeline stages). _ledger sums the bytes held by all such passes together.
+        self.concurrent_passes = False
+        self.defer_clipping = False
+        self._live: weakref.WeakSet[PassState] = weakref.WeakSet()
+        self._deferred: list[PassState] = []
+        self._ledger = MemoryLedger()
+        self._passes_started = 0
         self._report_hooks: OrderedDict[int, Callable[[ClipReport], None]] = OrderedDict()
         self._handles: list[Any] = []
         self._pass: PassState | None = None
@@ -158,6 +188,13 @@ class ClippingEngine:
                     "(two engines on one model would each clip the same gradients)."
                 )
         register_transformers_layers()
+        sharded = _dtensor_names(trainable_parameters(self.model))
+        if sharded and self.grad_sink is None:
+            raise AttachError(
+                f"Parameters {sharded[:3]}{' ...' if len(sharded) > 3 else ''} are DTensors (FSDP2 fully_shard or "
+                "tensor parallel): a ClippingEngine alone would write full-shape clipped sums into sharded gradients. "
+                "For a fully_shard-ed model use groupclip.distributed.sharded.make_private_sharded."
+            )
         if not needs_execution_order(self.grouping_spec):
             current = resolve_grouping(self.model, self.grouping_spec)  # the trainable set as of now
             if self.grouping is None or current.groups != self.grouping.groups:
@@ -173,7 +210,7 @@ class ClippingEngine:
             raise
         self._attached = True
         self._attached_snapshot = self._snapshot()
-        self._params_by_id = {id(p): p for p in trainable_parameters(self.model).values()}
+        self._params_by_id = {id(p): p for p in self._trainable().values()}
         _ENGINES[self.model] = self
         return self
 
@@ -181,8 +218,15 @@ class ClippingEngine:
         """Identity of the model's structure as the hooks saw it: modules and trainable parameters."""
         return (
             tuple(id(m) for m in self.model.modules()),
-            tuple((name, id(p)) for name, p in trainable_parameters(self.model).items()),
+            tuple((name, id(p)) for name, p in self._trainable().items()),
         )
+
+    def _trainable(self) -> dict[str, nn.Parameter]:
+        """Trainable parameters by canonical name, each as the attach-time parameter (see ``parameter_alias``)."""
+        params = trainable_parameters(self.model)
+        if self.parameter_alias is None:
+            return params
+        return {name: self.parameter_alias(p) for name, p in params.items()}
 
     def _check_unchanged(self) -> None:
         if self._snapshot() != self._attached_snapshot:
@@ -203,6 +247,9 @@ class ClippingEngine:
             self._frames.clear()
             self._active_generic.clear()
             self._pass = None
+            self._live.clear()
+            self._deferred.clear()
+            self._ledger = MemoryLedger()
             self._attached = False
             if _ENGINES.get(self.model) is self:
                 del _ENGINES[self.model]
@@ -222,6 +269,65 @@ class ClippingEngine:
         handle = RemovableHandle(self._report_hooks)
         self._report_hooks[handle.id] = fn
         return handle
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Record nothing while inside (e.g. a pipeline stage's shape-inference run of the module).
+
+        The module then runs as without the engine; its parameters must get no gradient from such a run.
+        """
+        self._suspended += 1
+        try:
+            yield
+        finally:
+            self._suspended -= 1
+
+    # ------------------------------------------------------------------ deferred clipping (pipeline stages)
+    @property
+    def deferred_passes(self) -> int:
+        """Finished passes waiting for :meth:`clip_deferred` (``defer_clipping=True``)."""
+        return len(self._deferred)
+
+    def deferred_squared_norms(self) -> Tensor:
+        """This process' squared per-sample norms of the deferred passes, flat: pass by pass (in forward order),
+        group by group (in grouping order), ``[B]`` each."""
+        self._deferred.sort(key=lambda state: state.sequence)
+        parts = [state.squared_norms(g) for state in self._deferred for g in self.thresholds]
+        if not parts:
+            return torch.zeros(0)
+        dtype = parts[0].dtype
+        for part in parts[1:]:
+            dtype = torch.promote_types(dtype, part.dtype)
+        return torch.cat([part.to(dtype) for part in parts])
+
+    def clip_deferred(self, combine: Callable[[Tensor], Tensor] | None = None) -> None:
+        """Clip every deferred pass: write its clipped sums and emit its report, as at the end of a backward.
+
+        Args:
+            combine: maps :meth:`deferred_squared_norms` to the squared norms to clip with -- e.g. an all-reduce
+                (SUM) over the pipeline stages, each holding a part of every group. ``None``: this process' own.
+
+        Raises:
+            NonFiniteNormError: (unless ``defer_nonfinite_error``) some pass had non-finite norms; the finite passes
+                were written.
+        """
+        local = self.deferred_squared_norms()
+        flat = combine(local) if combine is not None else local
+        if flat.shape != local.shape:
+            raise PassError(f"clip_deferred: combine gave shape {tuple(flat.shape)}, expected {tuple(local.shape)}.")
+        passes, self._deferred = self._deferred, []
+        offset, error = 0, None
+        for state in passes:
+            norms = {}
+            for g in self.thresholds:
+                n = state.batch_size or 0
+                norms[g], offset = flat[offset : offset + n], offset + n
+            try:
+                self._finish(state, norms)
+            except NonFiniteNormError as err:
+                error = error or err
+        if error is not None:
+            raise error
 
     # ------------------------------------------------------------------ public queries
     @property
@@ -258,7 +364,7 @@ class ClippingEngine:
 
     # ------------------------------------------------------------------ setup helpers
     def _set_grouping(self, grouping: ResolvedGrouping) -> None:
-        params = trainable_parameters(self.model)
+        params = self._trainable()
         self.grouping = grouping
         self.thresholds = resolve_thresholds(list(grouping.groups), self.max_grad_norm)
         self._group_of = {id(params[n]): g for g, names in grouping.groups.items() for n in names}
@@ -357,27 +463,41 @@ class ClippingEngine:
         self._check_unchanged()
         batch = _batch_size(args, kwargs)
         scale = float(batch) if (self.loss_reduction == "mean" and batch) else 1.0
-        self._pass = PassState(batch, scale)
+        several = self.concurrent_passes or self.defer_clipping
+        self._pass = PassState(batch, scale, self._ledger if several else None)
+        self._pass.sequence = self._passes_started = self._passes_started + 1
+        if self.concurrent_passes:
+            self._live.add(self._pass)
 
     def _root_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         state = self._pass
         if self._suspended or state is None or state.forward_done:
             return
         if output is None:  # the forward raised; always_call=True brought us here
+            self._live.discard(state)
             self._pass = None
             return
         if self.grouping is None:
-            names = {id(p): n for n, p in trainable_parameters(self.model).items()}
+            names = {id(p): n for n, p in self._trainable().items()}
             self._set_grouping(
                 resolve_grouping(self.model, self.grouping_spec, [names[i] for i in state.order if i in names])
             )
         state.close_forward(self._group_of, self._group_members)
 
     def _make_pre(self, module: nn.Module, rule):
-        own = [p for p in module._parameters.values() if p is not None and p.requires_grad]
+        # Slots (owner, name), read at each call: a wrapper may swap the tensor in a slot (FSDP2 puts its unsharded
+        # parameter there while the module runs); what the slot holds is switched off and recorded under the
+        # attach-time parameter.
+        owners = [module]
         if rule is None:
-            own += [p for child in _uncalled_children(module) for p in child.parameters() if p.requires_grad]
-        subtree = own
+            owners += [m for child in _uncalled_children(module) for m in child.modules()]
+        prefix = {id(m): f"{path}." if path else "" for path, m in module.named_modules()}
+        slots = [
+            (owner, name, prefix[id(owner)] + name, p)
+            for owner in owners
+            for name, p in owner._parameters.items()
+            if p is not None and p.requires_grad
+        ]
 
         def pre(mod: nn.Module, args: tuple) -> None:
             if not self._recording():
@@ -388,7 +508,15 @@ class ClippingEngine:
                     )
                 return
             frame = _Frame()
-            frame.disabled = self._disable(subtree)
+            current = []
+            for owner, name, local_name, canonical in slots:
+                p = owner._parameters.get(name)
+                if p is not None:
+                    current.append(p)
+                    frame.names.setdefault(id(p), local_name)
+                    if p is not canonical:
+                        frame.canonical[id(p)] = canonical
+            frame.disabled = self._disable(current)
             if rule is None:
                 frame.random_state = RandomState.capture(_tensor_leaves((args,)))
                 self._active_generic.append(frame)
@@ -439,7 +567,9 @@ class ClippingEngine:
         x = x.detach()
         activation = x.expand(batch, *x.shape[1:]) if broadcast else x
         state.ledger.add_activation(x)
-        params = {_local_name(mod, p): p for p in frame.disabled}
+        # Names as of the pre-hook: a wrapper may already have swapped the slots back (FSDP2 reshards in its own
+        # forward hook).
+        params = {frame.names[id(p)]: frame.canon(p) for p in frame.disabled}
         wanted = frozenset(params)
         use = Use(len(state.uses), path, mod, params, saved_versions=[(x, x._version)])
         use.compute = lambda grads: rule.contributions(mod, activation, grads[0], wanted)
@@ -477,12 +607,12 @@ class ClippingEngine:
                 "floating-point tensor, so no gradient can reach them."
             )
         covered = _fired_prefixes(mod, frame.fired)
-        disabled = {id(p) for p in frame.disabled}
         params = {}
-        for name, p in mod.named_parameters():
+        for p in frame.disabled:  # named as at the pre-hook (see _record_rule_use)
+            name = frame.names[id(p)]
             owner = name.rpartition(".")[0]
-            if id(p) in disabled and not any(owner == c or owner.startswith(c + ".") for c in covered):
-                params[name] = p
+            if name not in params and not any(owner == c or owner.startswith(c + ".") for c in covered):
+                params[name] = frame.canon(p)
         args, kwargs = _detached((args, kwargs))  # see _record_rule_use: no references into the autograd graph
         for t in _tensor_leaves((args, kwargs)):
             state.ledger.add_activation(t)
@@ -497,6 +627,8 @@ class ClippingEngine:
                 g if g is not None else torch.zeros(s, dtype=d, device=dev)
                 for g, (s, d, dev) in zip(grads, shapes, strict=True)
             ]
+            if self.before_generic_rerun is not None:
+                self.before_generic_rerun(mod)
             return generic_contributions(
                 mod, args, kwargs, random_state, positions, grads, broadcast, names, batch, batch_dims
             )
@@ -534,7 +666,7 @@ class ClippingEngine:
             )
         if not self._attached:
             raise PassError(f"Backward reached {use.path} after the engine was detached; nothing was clipped.")
-        if state is not self._pass:
+        if state is not self._pass and state not in self._live:
             raise PassError(
                 f"Backward reached {use.path} from a forward pass that a later forward pass "
                 "superseded; call backward on the loss of the latest forward pass."
@@ -570,7 +702,8 @@ class ClippingEngine:
             if factored and factored[0].steps > 1:
                 state.shared_gram(use.shared_input, factored[0])
         for group in state.use_done(use, contributions):
-            state.clip_group(group, self.thresholds[group], self.clip_fn)
+            if not self.defer_clipping:
+                state.clip_group(group, self.thresholds[group], self.clip_fn)
 
     def _mode_for(self, path: str) -> NormMode:
         if not isinstance(self.norm_mode, Mapping):
@@ -594,36 +727,54 @@ class ClippingEngine:
             rows, cols = contribution.param_shape
         return contribution if 2 * steps * steps < rows * cols else contribution.instantiate()
 
-    def _finish(self, state: PassState) -> None:
-        if state is not self._pass:
-            return
-        self._pass = None
-        state.finished = True
-        for use in state.uses:
-            use.compute, use.saved_versions = None, []
-            if not use.done:
-                state.use_done(use, {})
+    def _finish(self, state: PassState, squared_norms: Mapping[str, Tensor] | None = None) -> None:
+        """End of a pass' backward (queued callback); or, with ``squared_norms``, clipping of a deferred pass."""
+        if squared_norms is None:
+            if state is not self._pass and state not in self._live:
+                return
+            if state is self._pass:
+                self._pass = None
+            self._live.discard(state)
+            state.finished = True
+            for use in state.uses:
+                use.compute, use.saved_versions = None, []
+                if not use.done:
+                    state.use_done(use, {})
+            if self.defer_clipping:  # clip_deferred() clips it with the norms summed over the stages
+                self._deferred.append(state)
+                self.peak_held_bytes = max(self.peak_held_bytes, self._ledger.peak_held_bytes)
+                if self._anchor is not None:
+                    self._anchor.grad = None
+                return
         for group in state.pending_groups():
-            state.clip_group(group, self.thresholds[group], self.clip_fn)
-        self.peak_held_bytes = max(self.peak_held_bytes, state.ledger.peak_held_bytes)
+            norms = squared_norms.get(group) if squared_norms is not None else None
+            state.clip_group(group, self.thresholds[group], self.clip_fn, norms)
+        self.peak_held_bytes = max(self.peak_held_bytes, state.ledger.peak_held_bytes, self._ledger.peak_held_bytes)
         if self._anchor is not None:
             self._anchor.grad = None
         if state.non_finite:
             self.nonfinite_passes += 1
+            if self.grad_sink is not None:  # a collective sink must hear of every pass, refused ones too
+                self.grad_sink(None)
+            if self.defer_nonfinite_error:  # data parallel: every rank refuses the step together at step()
+                return
             detail = "; ".join(f"group {g!r}: samples {idx}" for g, idx in state.non_finite.items())
             raise NonFiniteNormError(
                 f"Non-finite per-sample gradient norms ({detail}); no gradient was written. "
                 "Check the loss and inputs of those samples (NaN/inf) or lower the lr."
             )
         params = self._params_by_id  # the model is checked unchanged at every forward while attached
-        started_fresh = all(p.grad is None for p in params.values())
-        for key, clipped in state.staged.items():
-            p = params[key]
-            clipped = clipped.to(p.dtype)
-            if p.grad is None:
-                p.grad = clipped
-            else:
-                p.grad.add_(clipped)
+        if self.grad_sink is not None:
+            started_fresh = self.grad_sink([(params[key], clipped) for key, clipped in state.staged.items()])
+        else:
+            started_fresh = all(p.grad is None for p in params.values())
+            for key, clipped in state.staged.items():
+                p = params[key]
+                clipped = clipped.to(p.dtype)
+                if p.grad is None:
+                    p.grad = clipped
+                else:
+                    p.grad.add_(clipped)
         self.last_report = state.report(self.thresholds, started_fresh)
         for hook in list(self._report_hooks.values()):
             hook(self.last_report)
@@ -652,6 +803,13 @@ def _batchnorm_message(path: str, module: nn.Module) -> str:
         "per-sample gradients are not defined. Replace it with GroupNorm "
         "(groupclip.replace_batchnorm(model)), or freeze it and call .eval() on it."
     )
+
+
+def _dtensor_names(params: Mapping[str, nn.Parameter]) -> list[str]:
+    """Names of the parameters that are DTensors (none unless torch.distributed.tensor was imported)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    dtensor = getattr(module, "DTensor", None)
+    return [name for name, p in params.items() if dtensor is not None and isinstance(p, dtensor)]
 
 
 def _tensor_leaves(tree: Any) -> list[Tensor]:
@@ -696,13 +854,6 @@ def _output_batch_dims(module: nn.Module, count: int) -> list[int]:
     if isinstance(module, nn.RNNBase):
         return [0 if module.batch_first else 1] + [1] * (count - 1)
     return [0] * count
-
-
-def _local_name(module: nn.Module, param: nn.Parameter) -> str:
-    for name, p in module._parameters.items():
-        if p is param:
-            return name
-    raise KeyError("parameter not owned by module")
 
 
 def _fired_prefixes(module: nn.Module, fired: set[int]) -> set[str]:

@@ -41,3 +41,8 @@ class UnattributedGradientError(GroupClipError, RuntimeError):
 
 class PassError(GroupClipError, RuntimeError):
     """Forward and backward passes did not pair up (backward of a superseded forward, backward twice, ...)."""
+
+
+class DistributedSetupError(GroupClipError, ValueError):
+    """Ranks disagree on settings that must match (grouping, privacy, thresholds), or a grouping does not fit the
+    process layout (a group split across pipeline stages). Raised on every rank, never on one alone."""

@@ -35,8 +35,10 @@ from .accounting import AccountantKind, PrivacyAccountant, calibrate_noise_multi
 from .adaptive import AdaptiveClipping, QuantileTracker, gradient_noise_multiplier
 from .bookkeeping import ClipReport
 from .clipping import ClipFunction
+from .distributed import data_parallel as dp
+from .distributed.agreement import check_agreement
 from .engine import ClippingEngine, LossReduction, NormMode
-from .errors import GroupClipError, NonFiniteNormError
+from .errors import DistributedSetupError, GroupClipError, NonFiniteNormError
 from .grouping import GroupingSpec, trainable_parameters
 from .noise import GaussianNoise
 from .sampling import PoissonBatchSampler, expected_steps, poisson_loader
@@ -75,6 +77,8 @@ class PrivateTraining:
         adaptive: AdaptiveClipping | None,
         planned_steps: int | None,
         seed: int | None,
+        process_group: Any = None,
+        distributed: bool = False,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -89,6 +93,9 @@ class PrivateTraining:
         self.tracker = QuantileTracker(adaptive) if adaptive is not None else None
         self.planned_steps = planned_steps
         self.seed = seed
+        self.distributed = distributed
+        self.process_group = process_group
+        self.rank, self.world_size = dp.require_process_group(process_group) if distributed else (0, 1)
         self.steps = 0
         self.sampler: PoissonBatchSampler | None = None
         self.last_metrics: dict[str, Any] = {}
@@ -99,6 +106,7 @@ class PrivateTraining:
                 noise_multiplier, len(engine.thresholds), sigma_b
             )
         self._reset_batch_stats()
+        engine.defer_nonfinite_error = distributed
         self._handles = [
             engine.add_report_hook(self._on_report),
             optimizer.register_step_pre_hook(self._before_step),
@@ -131,6 +139,8 @@ class PrivateTraining:
         if len(dataset) * self.sample_rate <= 0:
             raise PrivacySetupError("The dataset is empty.")
         seed = None if self.seed is None else self.seed + 1
+        if self.distributed:  # one global Poisson mask (shared seed); each rank keeps every world-th index
+            loader_kwargs = {**loader_kwargs, "shard": (self.rank, self.world_size)}
         loader = poisson_loader(dataset, self.sample_rate, seed=seed, **loader_kwargs)
         self.sampler = loader.batch_sampler
         return loader
@@ -163,26 +173,57 @@ class PrivateTraining:
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         params = list(trainable_parameters(self.model).values())
-        failed = self.engine.nonfinite_passes != self._nonfinite_seen
-        for p in params:
-            if failed or (p.grad is not None and not bool(torch.isfinite(p.grad).all())):
-                self._reset_batch_stats()
-                if self.tracker is not None:
-                    self.tracker.counts = {}
-                raise NonFiniteNormError(
-                    "The last backward pass had non-finite per-sample norms (or a clipped sum is not finite); the "
-                    "step was not taken and nothing was updated (parameters, optimizer state, accountant). Call "
-                    "optimizer.zero_grad() and continue with the next batch."
-                )
+        failed = self.engine.nonfinite_passes != self._nonfinite_seen or any(
+            p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in params
+        )
+        if self.distributed:  # every rank learns of a failure on any rank: all refuse the step together
+            failed = dp.any_rank(failed, self.process_group, params[0].device if params else "cpu")
+        if failed:
+            self._reset_batch_stats()
+            if self.tracker is not None:
+                self.tracker.counts = {}
+            where = " on some rank" if self.distributed else ""
+            raise NonFiniteNormError(
+                f"The last backward pass{where} had non-finite per-sample norms (or a clipped sum is not finite); "
+                "the step was not taken and nothing was updated (parameters, optimizer state, accountant). Call "
+                "optimizer.zero_grad() and continue with the next batch."
+            )
         std = self.gradient_noise_multiplier * self.engine.sensitivity
         self._noise_std = std
+        if self.distributed:
+            with torch.no_grad():
+                dp.all_reduce_gradients(params, self.process_group, self._noise_adder(std) if self.rank == 0 else None)
+                for p in params:
+                    p.grad.div_(self.expected_batch_size)
+            return
         with torch.no_grad():
             for p in params:
                 noise = self.noise.sample(p.shape, std, dtype=p.dtype, device=p.device)
                 grad = noise if p.grad is None else p.grad.add_(noise)
                 p.grad = grad.div_(self.expected_batch_size)
 
+    def _noise_adder(self, std: float):
+        def add(p: nn.Parameter, grad: Tensor) -> None:
+            grad.add_(self.noise.sample(p.shape, std, dtype=p.dtype, device=p.device))
+
+        return add
+
+    def _sum_batch_stats_over_ranks(self) -> None:
+        """Global (all-rank) samples, loss, clipped counts and factor sums, for the step's metrics."""
+        groups = sorted(self.engine.thresholds)  # resolved up front in data-parallel runs: the same on every rank
+        local = {"samples": self._samples, "loss": self._loss_sum}
+        local.update({f"clipped/{g}": v for g, v in self._clipped.items()})
+        local.update({f"factor/{g}": v for g, v in self._factor_sum.items()})
+        keys = ["samples", "loss", *(f"clipped/{g}" for g in groups), *(f"factor/{g}" for g in groups)]
+        total = dp.all_reduce_sums(local, keys, self.process_group)
+        self._samples = int(total["samples"])
+        self._loss_sum = total["loss"]
+        self._clipped = {g: total[f"clipped/{g}"] for g in groups}
+        self._factor_sum = {g: total[f"factor/{g}"] for g in groups}
+
     def _after_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if self.distributed:
+            self._sum_batch_stats_over_ranks()
         self.accountant.step(self.noise_multiplier, self.sample_rate)
         self.steps += 1
         thresholds = dict(self.engine.thresholds)
@@ -196,7 +237,15 @@ class PrivateTraining:
             "loss": self._loss_sum / self._samples if self._samples and self._loss_sum else None,
         }
         if self.tracker is not None:
-            new, fractions = self.tracker.update(thresholds, self.expected_batch_size, self.noise)
+            if self.distributed:  # global counts; rank 0 draws the count noise and decides the thresholds
+                self.tracker.counts = dp.all_reduce_sums(self.tracker.counts, sorted(thresholds), self.process_group)
+                update = None
+                if self.rank == 0:
+                    update = self.tracker.update(thresholds, self.expected_batch_size, self.noise)
+                new, fractions = dp.broadcast_object(update, self.process_group)
+                self.tracker.counts = {}
+            else:
+                new, fractions = self.tracker.update(thresholds, self.expected_batch_size, self.noise)
             self.engine.set_thresholds(new)
             metrics["noisy_fraction_under_threshold"] = fractions
         self.last_metrics = metrics
@@ -276,50 +325,43 @@ def make_private(
     adaptive: AdaptiveClipping | None = None,
     seed: int | None = None,
     secure_noise: bool = False,
+    distributed: bool = False,
+    process_group: Any = None,
 ) -> PrivateTraining:
     """Make ``model`` + ``optimizer`` train with DP; returns the :class:`PrivateTraining` that owns the hooks.
 
     Privacy: give ``noise_multiplier``, or ``target_epsilon`` (with ``target_delta`` and ``epochs`` or ``steps``) to
     calibrate it. Sampling: ``data_size`` N and either ``sample_rate`` q or ``batch_size`` (expected, q = B / N).
 
+    Data parallel (``distributed=True``, under ``torchrun`` after ``init_process_group``; ``process_group``
+    default: the world): ``data_size`` and ``batch_size`` are the GLOBAL ones; each rank clips its own samples, the
+    clipped sums are all-reduced with noise added once (by rank 0), the Poisson loader splits one global Poisson
+    sample among the ranks, and every rank reports the same epsilon. All ranks must pass the same settings
+    (checked: all raise together otherwise). See :mod:`groupclip.distributed.data_parallel`.
+
     Raises:
         PrivacySetupError: missing or inconsistent settings.
         UnreachableEpsilonError: the target epsilon cannot be reached in the given steps (names the nearest).
         ValueError: the optimizer holds parameters the model does not, or misses trainable ones (both named).
+        DistributedSetupError: (``distributed=True``) no process group, a DDP-wrapped model, or ranks that
+            disagree on the grouping, thresholds, clip function or privacy settings -- raised on every rank.
     """
+    dp.refuse_ddp_wrapper(model)
+    if distributed:
+        dp.require_process_group(process_group)
     _check_optimizer(model, optimizer)
-    if data_size is None or data_size < 1:
-        raise PrivacySetupError("Give data_size (the number of training examples N).")
-    if sample_rate is None:
-        if batch_size is None:
-            raise PrivacySetupError("Give sample_rate, or batch_size (the expected batch size) with data_size.")
-        sample_rate = batch_size / data_size
-    elif batch_size is not None and not math.isclose(sample_rate * data_size, batch_size, rel_tol=1e-9):
-        raise PrivacySetupError(
-            f"sample_rate={sample_rate} and batch_size={batch_size} disagree for data_size={data_size} "
-            f"(q * N = {sample_rate * data_size:g}); give one of them."
-        )
-    if not 0 < sample_rate <= 1:
-        raise PrivacySetupError(f"Expected sample_rate={sample_rate} in (0, 1].")
+    if distributed:
+        dp.refuse_sharded_parameters(model)
+    settings = resolve_privacy_settings(
+        noise_multiplier, target_epsilon, target_delta, epochs, steps, sample_rate, batch_size, data_size, accountant
+    )
+    noise_multiplier, sample_rate, delta, planned = (
+        settings["noise_multiplier"],
+        settings["sample_rate"],
+        settings["delta"],
+        settings["planned_steps"],
+    )
     expected = sample_rate * data_size
-    delta = target_delta if target_delta is not None else min(1e-5, 1 / (10 * data_size))
-    if delta >= 1 / data_size:
-        warnings.warn(
-            f"target_delta={delta} >= 1/N = {1 / data_size:.3g}: such a delta allows leaking a whole example; "
-            "use delta well below 1/N (e.g. 1/(10 N)).",
-            stacklevel=2,
-        )
-    planned = steps if steps is not None else (expected_steps(sample_rate, epochs) if epochs is not None else None)
-    if noise_multiplier is None:
-        if target_epsilon is None or target_delta is None or planned is None:
-            raise PrivacySetupError(
-                "Give noise_multiplier, or target_epsilon with target_delta and epochs or steps to calibrate it."
-            )
-        noise_multiplier = calibrate_noise_multiplier(target_epsilon, target_delta, sample_rate, planned, accountant)
-    elif target_epsilon is not None:
-        raise PrivacySetupError("Give noise_multiplier or target_epsilon, not both.")
-    if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
-        raise PrivacySetupError(f"Expected noise_multiplier={noise_multiplier} in [0, inf).")
     engine = ClippingEngine(
         model,
         grouping=grouping,
@@ -333,6 +375,24 @@ def make_private(
         raise PrivacySetupError(
             "Adaptive clipping needs the groups up front; use a grouping other than an int, or explicit groups."
         )
+    if distributed and engine.grouping is None:
+        # An int M grouping resolves at the first forward pass, which a rank with an empty Poisson batch skips:
+        # that rank would not know the thresholds (nor the noise's sensitivity), so it must be known up front.
+        raise DistributedSetupError(
+            f"grouping={grouping!r} (M blocks in execution order) is only known after a forward pass, which a rank "
+            "may skip (an empty Poisson batch). Resolve it up front and pass the groups: groups = "
+            "groupclip.grouping.resolve_grouping(model, M, order).groups with the parameter names in execution "
+            "order (groupclip.training.runner.execution_order gives it), or use a named or explicit grouping."
+        )
+    if distributed:
+        seed = dp.shared_seed(seed, process_group)
+        check_agreement(
+            agreement_settings(engine, clip_fn, clip_options, loss_reduction, norm_mode, settings, adaptive)
+            | {"seed": seed, "secure_noise": secure_noise},
+            what="grouping and privacy settings",
+            group=process_group,
+        )
+        dp.broadcast_model(model, process_group)
     engine.attach()
     try:
         return PrivateTraining(
@@ -348,10 +408,98 @@ def make_private(
             adaptive=adaptive,
             planned_steps=planned,
             seed=seed,
+            process_group=process_group,
+            distributed=distributed,
         )
     except BaseException:
         engine.detach()
         raise
+
+
+def resolve_privacy_settings(
+    noise_multiplier: float | None,
+    target_epsilon: float | None,
+    target_delta: float | None,
+    epochs: float | None,
+    steps: int | None,
+    sample_rate: float | None,
+    batch_size: int | None,
+    data_size: int | None,
+    accountant: AccountantKind,
+) -> dict[str, Any]:
+    """The privacy settings of a run, checked and completed (see :func:`make_private` for the arguments).
+
+    Returns ``{noise_multiplier, sample_rate, data_size, delta, accountant, planned_steps}``: ``sample_rate`` from
+    ``batch_size / data_size`` if not given, ``delta`` defaulting to ``min(1e-5, 1/(10 N))``, ``planned_steps`` from
+    ``steps`` or ``epochs``, and ``noise_multiplier`` calibrated to ``target_epsilon`` if not given.
+
+    Raises:
+        PrivacySetupError: missing or inconsistent settings.
+        UnreachableEpsilonError: the target epsilon cannot be reached in the planned steps.
+    """
+    if data_size is None or data_size < 1:
+        raise PrivacySetupError("Give data_size (the number of training examples N).")
+    if sample_rate is None:
+        if batch_size is None:
+            raise PrivacySetupError("Give sample_rate, or batch_size (the expected batch size) with data_size.")
+        sample_rate = batch_size / data_size
+    elif batch_size is not None and not math.isclose(sample_rate * data_size, batch_size, rel_tol=1e-9):
+        raise PrivacySetupError(
+            f"sample_rate={sample_rate} and batch_size={batch_size} disagree for data_size={data_size} "
+            f"(q * N = {sample_rate * data_size:g}); give one of them."
+        )
+    if not 0 < sample_rate <= 1:
+        raise PrivacySetupError(f"Expected sample_rate={sample_rate} in (0, 1].")
+    delta = target_delta if target_delta is not None else min(1e-5, 1 / (10 * data_size))
+    if delta >= 1 / data_size:
+        warnings.warn(
+            f"target_delta={delta} >= 1/N = {1 / data_size:.3g}: such a delta allows leaking a whole example; "
+            "use delta well below 1/N (e.g. 1/(10 N)).",
+            stacklevel=3,
+        )
+    planned = steps if steps is not None else (expected_steps(sample_rate, epochs) if epochs is not None else None)
+    if noise_multiplier is None:
+        if target_epsilon is None or target_delta is None or planned is None:
+            raise PrivacySetupError(
+                "Give noise_multiplier, or target_epsilon with target_delta and epochs or steps to calibrate it."
+            )
+        noise_multiplier = calibrate_noise_multiplier(target_epsilon, target_delta, sample_rate, planned, accountant)
+    elif target_epsilon is not None:
+        raise PrivacySetupError("Give noise_multiplier or target_epsilon, not both.")
+    if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+        raise PrivacySetupError(f"Expected noise_multiplier={noise_multiplier} in [0, inf).")
+    return {
+        "noise_multiplier": noise_multiplier,
+        "sample_rate": sample_rate,
+        "data_size": data_size,
+        "delta": delta,
+        "accountant": accountant,
+        "planned_steps": planned,
+    }
+
+
+def agreement_settings(
+    engine: ClippingEngine,
+    clip_fn: str | ClipFunction,
+    clip_options: Mapping[str, float] | None,
+    loss_reduction: str,
+    norm_mode: Any,
+    privacy: Mapping[str, Any],
+    adaptive: AdaptiveClipping | None,
+) -> dict[str, Any]:
+    """What every rank (or pipeline stage) of one run must agree on, for
+    :func:`~groupclip.distributed.agreement.check_agreement`."""
+    return {
+        "grouping": engine.grouping.groups if engine.grouping is not None else engine.grouping_spec,
+        "thresholds": engine.thresholds,
+        "clip_fn": clip_fn if isinstance(clip_fn, str) else type(clip_fn).__qualname__,
+        "clip_options": dict(clip_options or {}),
+        "loss_reduction": loss_reduction,
+        "norm_mode": norm_mode,
+        **privacy,
+        "adaptive": repr(adaptive),
+        "parameters": [(n, tuple(p.shape), str(p.dtype)) for n, p in trainable_parameters(engine.model).items()],
+    }
 
 
 def _check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -34,12 +34,22 @@ class PoissonBatchSampler(Sampler[list[int]]):
         sample_rate: q in (0, 1]; the expected batch size is ``q * N``.
         steps: batches per iteration over the sampler (default ``round(1 / q)``: one epoch in expectation).
         seed: seed of the sampler's generator (``None`` seeds from the OS).
+        shard: ``(rank, world_size)`` for data-parallel training: every rank draws the same global mask (give all
+            ranks the same seed) and yields every ``world_size``-th selected index from ``rank`` on, so the union
+            of the ranks' batches is one Poisson sample of rate q over the whole data set.
 
     The generator state and the position within the current pass are saved by :meth:`state_dict`, so a resumed
     run draws the same remaining batches as an uninterrupted one.
     """
 
-    def __init__(self, num_samples: int, sample_rate: float, steps: int | None = None, seed: int | None = None):
+    def __init__(
+        self,
+        num_samples: int,
+        sample_rate: float,
+        steps: int | None = None,
+        seed: int | None = None,
+        shard: tuple[int, int] | None = None,
+    ):
         if num_samples < 1:
             raise ValueError(f"Expected num_samples={num_samples} >= 1.")
         if not 0 < sample_rate <= 1:
@@ -49,6 +59,9 @@ class PoissonBatchSampler(Sampler[list[int]]):
         self.steps = steps if steps is not None else max(1, round(1 / sample_rate))
         self.generator = torch.Generator()
         self.generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+        if shard is not None and not (len(shard) == 2 and 0 <= shard[0] < shard[1]):
+            raise ValueError(f"Expected shard=(rank, world_size) with 0 <= rank < world_size; got {shard}.")
+        self.shard = shard
         self._position = 0
 
     def __len__(self) -> int:
@@ -58,7 +71,11 @@ class PoissonBatchSampler(Sampler[list[int]]):
         while self._position < self.steps:
             mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
             self._position += 1
-            yield torch.nonzero(mask).flatten().tolist()
+            chosen = torch.nonzero(mask).flatten()
+            if self.shard is not None:  # every rank draws the same global mask and keeps its share of it
+                rank, world = self.shard
+                chosen = chosen[rank::world]
+            yield chosen.tolist()
         self._position = 0
 
     def state_dict(self) -> dict[str, Any]:
@@ -120,6 +137,7 @@ def poisson_loader(
     steps: int | None = None,
     seed: int | None = None,
     collate_fn: Callable | None = None,
+    shard: tuple[int, int] | None = None,
     **loader_kwargs: Any,
 ) -> DataLoader:
     """A ``DataLoader`` over ``dataset`` (map-style) with Poisson-sampled batches, empty ones included.
@@ -128,7 +146,7 @@ def poisson_loader(
         >>> loader = poisson_loader(dataset, sample_rate=256 / len(dataset), seed=0)   # doctest: +SKIP
         >>> for x, y in loader: ...                                                      # doctest: +SKIP
     """
-    sampler = PoissonBatchSampler(len(dataset), sample_rate, steps=steps, seed=seed)
+    sampler = PoissonBatchSampler(len(dataset), sample_rate, steps=steps, seed=seed, shard=shard)
     return DataLoader(
         dataset, batch_sampler=sampler, collate_fn=EmptyBatchCollate(dataset, collate_fn), **loader_kwargs
     )

@@ -6,6 +6,12 @@
 The run folder holds ``config.toml`` (the resolved recipe), ``metrics.jsonl`` (one record per step, and one per
 evaluation with ``"kind": "eval"``), ``final.json`` (the final metrics) and ``curves.png`` / ``epsilon.png``.
 
+Distributed launch: under ``torchrun --nproc-per-node K -m groupclip.cli train ...`` (``WORLD_SIZE`` > 1) every
+rank joins one process group (gloo on CPU, NCCL on CUDA, each rank on ``cuda:LOCAL_RANK``); DP runs are data
+parallel through ``make_private(distributed=True)`` (one global Poisson sample split among the ranks, clipped sums
+all-reduced, noise once), non-private runs through torch's DistributedDataParallel with ``batch_size / K`` per rank.
+Rank 0 alone evaluates, shows progress and writes the run folder.
+
 DP runs use :func:`groupclip.make_private` with Poisson sampling at rate ``q = batch_size / N``, a loss that sums
 per-sample losses (``loss_reduction="sum"``), logical batches split into physical ones of at most
 ``physical_batch_size``, and the noise multiplier calibrated to ``privacy.epsilon`` over the planned steps
@@ -25,8 +31,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from ..adaptive import AdaptiveClipping
 from ..grouping import needs_execution_order, resolve_grouping, trainable_parameters
@@ -90,12 +97,13 @@ def execution_order(model: nn.Module, run_forward: Callable[[], Any]) -> list[st
     return order
 
 
-def grouping_for(recipe: Recipe, setup: TaskSetup) -> Any:
-    """The grouping spec for :func:`make_private`; an int M is resolved up front when adaptive thresholds need it."""
+def grouping_for(recipe: Recipe, setup: TaskSetup, distributed: bool = False) -> Any:
+    """The grouping spec for :func:`make_private`; an int M is resolved up front when adaptive thresholds or a
+    data-parallel launch need the groups before the first forward pass."""
     spec = recipe.clipping.grouping
     if isinstance(spec, str) and spec.isdigit():
         spec = int(spec)
-    if not (needs_execution_order(spec) and recipe.clipping.adaptive):
+    if not (needs_execution_order(spec) and (recipe.clipping.adaptive or distributed)):
         return spec
     order = execution_order(setup.model, lambda: setup.loss(setup.model, setup.example_batch))
     group_of = resolve_grouping(setup.model, spec, order).group_of()
@@ -119,6 +127,30 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RecipeError(f"[run] device = {name!r} but this machine has no CUDA device; use --device cpu or auto.")
     return device
+
+
+@dataclasses.dataclass
+class Launch:
+    """Where this process sits in a (possibly) distributed run."""
+
+    rank: int = 0
+    world_size: int = 1
+    owns_group: bool = False  # the runner created the process group (and destroys it at the end)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def join_launch(device: torch.device) -> Launch:
+    """Join the torchrun launch described by the environment (``WORLD_SIZE`` > 1), else a single-process launch."""
+    if dist.is_available() and dist.is_initialized():
+        return Launch(dist.get_rank(), dist.get_world_size(), owns_group=False)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Launch()
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Launch(dist.get_rank(), dist.get_world_size(), owns_group=True)
 
 
 def peak_rss_mb() -> float:
@@ -169,6 +201,27 @@ def train(
     """Train ``recipe``; returns the final metrics (also written to ``run_dir/final.json`` when given)."""
     start = time.perf_counter()
     device = resolve_device(recipe.run.device)
+    if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    launch = join_launch(device)
+    try:
+        if launch.rank != 0:  # rank 0 alone reports and writes
+            run_dir, progress, log = None, False, lambda _text: None
+        return _train_on(recipe, device, launch, run_dir, progress, log, start)
+    finally:
+        if launch.owns_group:
+            dist.destroy_process_group()
+
+
+def _train_on(
+    recipe: Recipe,
+    device: torch.device,
+    launch: Launch,
+    run_dir: str | None,
+    progress: bool,
+    log: Callable[[str], None],
+    start: float,
+) -> dict[str, Any]:
     recipe = dataclasses.replace(recipe, run=dataclasses.replace(recipe.run, device=str(device)))
     if recipe.run.threads:
         torch.set_num_threads(recipe.run.threads)
@@ -180,7 +233,7 @@ def train(
         torch.cuda.reset_peak_memory_stats(device)
     writer = RunWriter(run_dir, recipe)
     try:
-        loop = _PrivateLoop(recipe, setup) if recipe.privacy.private else _PlainLoop(recipe, setup)
+        loop = (_PrivateLoop if recipe.privacy.private else _PlainLoop)(recipe, setup, launch)
         try:
             final = loop.run(writer, progress, log, start)
         finally:
@@ -194,9 +247,10 @@ def train(
 class _Loop:
     """What DP and non-private training share: optimizer, schedule, evaluation, records, progress."""
 
-    def __init__(self, recipe: Recipe, setup: TaskSetup) -> None:
+    def __init__(self, recipe: Recipe, setup: TaskSetup, launch: Launch) -> None:
         self.recipe = recipe
         self.setup = setup
+        self.launch = launch
         self.model = setup.model
         self.device = torch.device(recipe.run.device)
         self.optimizer = build_optimizer(recipe.optimizer, self.model)
@@ -254,7 +308,7 @@ class _Loop:
                 if step % eps_every == 0 or step == self.total_steps:
                     record["epsilon"] = self.epsilon()
                 writer.record(record)
-                if self.eval_due(step):
+                if self.eval_due(step) and self.launch.rank == 0:
                     metrics = setup.evaluate(self.model)
                     entry = {"kind": "eval", "step": step, "epoch": record["epoch"], **metrics}
                     self.evals.append(entry)
@@ -292,6 +346,8 @@ class _Loop:
             "peak_rss_mb": peak_rss_mb(),
             "device": str(self.device),
             **_gpu_facts(self.device),
+            "world_size": self.launch.world_size,
+            "rank": self.launch.rank,
         }
 
     def epsilon(self) -> float | None:
@@ -307,7 +363,31 @@ class _PlainLoop(_Loop):
     def steps_per_epoch(self) -> int:
         return math.ceil(self.data_size / self.recipe.schedule.batch_size)
 
+    def __init__(self, recipe: Recipe, setup: TaskSetup, launch: Launch) -> None:
+        super().__init__(recipe, setup, launch)
+        self.train_model: nn.Module = self.model
+        self.epoch = 0
+        if launch.distributed:
+            if recipe.schedule.batch_size % launch.world_size:
+                raise RecipeError(
+                    f"schedule.batch_size = {recipe.schedule.batch_size} is not divisible by the {launch.world_size} "
+                    "ranks of this non-private data-parallel run; choose a multiple of the number of processes."
+                )
+            self.train_model = nn.parallel.DistributedDataParallel(self.model)
+
     def batches(self):
+        world = self.launch.world_size
+        if self.launch.distributed:
+            sampler = DistributedSampler(self.setup.train, shuffle=True, seed=self.recipe.run.seed + 1)
+            sampler.set_epoch(self.epoch)
+            self.epoch += 1
+            loader = DataLoader(
+                self.setup.train,
+                batch_size=self.recipe.schedule.batch_size // world,
+                sampler=sampler,
+                collate_fn=self.setup.collate,
+            )
+            return iter(loader)
         generator = torch.Generator().manual_seed(self.recipe.run.seed + 1)
         loader = DataLoader(
             self.setup.train,
@@ -322,12 +402,13 @@ class _PlainLoop(_Loop):
         size = _batch_size(batch)
         total = 0.0
         for chunk in physical_batches(batch, self.recipe.schedule.physical_batch_size):
-            loss = self.setup.loss(self.model, chunk)
-            (loss / size).backward()
+            loss = self.setup.loss(self.train_model, chunk)
+            (loss / size).backward()  # DDP averages the ranks' gradients: the mean over the global batch
             total += float(loss.detach())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": total / size, "batch_size": size, "lr": self.scheduler.get_last_lr()[0]}
+        total, size = _global_sums(self.launch, total, size, self.device)
+        return {"loss": total / size if size else None, "batch_size": size, "lr": self.scheduler.get_last_lr()[0]}
 
     def privacy_summary(self) -> dict[str, Any]:
         return {"private": False, "epsilon": None, "delta": None, "grouping": None, "clip_fn": None}
@@ -336,8 +417,8 @@ class _PlainLoop(_Loop):
 class _PrivateLoop(_Loop):
     """DP training through :func:`make_private` (Poisson sampling, clipping in the one backward, noise, accounting)."""
 
-    def __init__(self, recipe: Recipe, setup: TaskSetup) -> None:
-        super().__init__(recipe, setup)
+    def __init__(self, recipe: Recipe, setup: TaskSetup, launch: Launch) -> None:
+        super().__init__(recipe, setup, launch)
         privacy, clipping = recipe.privacy, recipe.clipping
         adaptive = (
             AdaptiveClipping(target_quantile=clipping.target_quantile, learning_rate=clipping.adaptive_lr)
@@ -348,7 +429,7 @@ class _PrivateLoop(_Loop):
         self.private = make_private(
             self.model,
             self.optimizer,
-            grouping=grouping_for(recipe, setup),
+            grouping=grouping_for(recipe, setup, launch.distributed),
             max_grad_norm=clipping.max_grad_norm,
             clip_fn=clipping.clip_fn,
             clip_options={"gamma": clipping.automatic_gamma} if clipping.clip_fn == "automatic" else None,
@@ -363,6 +444,7 @@ class _PrivateLoop(_Loop):
             accountant=privacy.accountant,
             adaptive=adaptive,
             seed=recipe.run.seed,
+            distributed=launch.distributed,
         )
         try:
             self.loader = self.private.poisson_loader(setup.train, collate_fn=setup.collate)
@@ -386,6 +468,7 @@ class _PrivateLoop(_Loop):
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()  # noise once per logical batch, divided by the expected batch size
         self.optimizer.zero_grad(set_to_none=True)
+        total, size = _global_sums(self.launch, total, size, self.device)
         metrics = self.private.last_metrics
         clipped = metrics.get("fraction_clipped") or {}
         record: dict[str, Any] = {
@@ -427,6 +510,15 @@ class _PrivateLoop(_Loop):
 
     def close(self) -> None:
         self.private.detach()
+
+
+def _global_sums(launch: Launch, total: float, size: int, device: torch.device) -> tuple[float, int]:
+    """The step's summed loss and batch size over all ranks (unchanged in a single process)."""
+    if not launch.distributed:
+        return total, size
+    packed = torch.tensor([total, float(size)], dtype=torch.float64, device=device)
+    dist.all_reduce(packed)
+    return float(packed[0]), int(packed[1])
 
 
 def _gpu_facts(device: torch.device) -> dict[str, Any]:
