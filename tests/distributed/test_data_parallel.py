@@ -199,3 +199,44 @@ def test_ddp_wrapped_models_and_missing_process_groups_are_refused():
     with pytest.raises(DistributedSetupError, match="init_process_group"):
         make_private(model, optimizer, noise_multiplier=1.0, batch_size=4, data_size=100, distributed=True)
     assert not optimizer._optimizer_step_pre_hooks
+
+
+def _adaptive(rank: int, world: int) -> dict:
+    from groupclip.adaptive import AdaptiveClipping
+
+    model = _model(seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    private = make_private(
+        model,
+        optimizer,
+        grouping="layer-wise",
+        max_grad_norm=0.5,
+        loss_reduction="sum",
+        noise_multiplier=1.0,
+        sample_rate=0.5,
+        data_size=2 * SAMPLES,
+        adaptive=AdaptiveClipping(target_quantile=0.5, learning_rate=0.5, count_noise_std=1.0),
+        seed=7,
+        distributed=world > 1,
+    )
+    thresholds = []
+    for x, y in _batches():
+        take = slice(rank * PER_RANK, (rank + 1) * PER_RANK) if world > 1 else slice(None)
+        nn.functional.cross_entropy(model(x[take]), y[take], reduction="sum").backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        thresholds.append(dict(private.engine.thresholds))
+    private.detach()
+    return {"thresholds": thresholds, "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+
+
+@pytest.mark.slow
+def test_adaptive_thresholds_and_noisy_steps_match_one_process():
+    """Global counts, rank 0's count and gradient noise (the single process' draws, in its order): the same run."""
+    ranks = run_ranks(_adaptive, 2, timeout=120)
+    single = _adaptive(0, 1)
+    for result in ranks:
+        for got, want in zip(result["thresholds"], single["thresholds"], strict=True):
+            assert got == pytest.approx(want, rel=1e-9)
+        _close(result["params"], single["params"])
+    assert single["thresholds"][0] != single["thresholds"][1]  # the thresholds did move
