@@ -177,7 +177,7 @@ class PrivateTraining:
             p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in params
         )
         if self.distributed:  # every rank learns of a failure on any rank: all refuse the step together
-            failed = dp.any_rank(failed, self.process_group, params[0].device if params else "cpu")
+            failed = dp.any_rank(failed, self.process_group)
         if failed:
             self._reset_batch_stats()
             if self.tracker is not None:

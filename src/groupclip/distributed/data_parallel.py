@@ -87,9 +87,17 @@ def broadcast_model(model: nn.Module, group: dist.ProcessGroup | None) -> None:
             dist.broadcast(tensor.data, src=_global_rank(0, group), group=group)
 
 
-def any_rank(flag: bool, group: dist.ProcessGroup | None, device: torch.device | str = "cpu") -> bool:
+def collective_device(group: dist.ProcessGroup | None) -> torch.device:
+    """Where the small tensors of groupclip's own collectives live: the current CUDA device under NCCL (which
+    reduces GPU tensors only; ``torch.cuda.set_device(local_rank)`` first), else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def any_rank(flag: bool, group: dist.ProcessGroup | None) -> bool:
     """True on every rank if ``flag`` is true on any rank (one small all-reduce)."""
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    value = torch.tensor([1.0 if flag else 0.0], device=collective_device(group))
     dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
     return bool(value.item() > 0)
 
@@ -99,7 +107,9 @@ def all_reduce_sums(values: Mapping[str, float], keys: Iterable[str], group: dis
     keys = list(keys)
     if not keys:
         return {}
-    packed = torch.tensor([float(values.get(k, 0.0)) for k in keys], dtype=torch.float64)
+    packed = torch.tensor(
+        [float(values.get(k, 0.0)) for k in keys], dtype=torch.float64, device=collective_device(group)
+    )
     dist.all_reduce(packed, group=group)
     return dict(zip(keys, packed.tolist(), strict=True))
 

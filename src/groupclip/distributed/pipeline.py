@@ -239,11 +239,13 @@ class PrivatePipeline:
     # ------------------------------------------------------------------ collectives
     def _all_reduce(self, tensor: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
         start = time.perf_counter()
+        home = tensor.device
+        tensor = tensor.to(dp.collective_device(self.group))  # NCCL reduces GPU tensors only
         dist.all_reduce(tensor, op=op, group=self.group)
         self.communication["seconds"] += time.perf_counter() - start
         self.communication["bytes"] += tensor.numel() * tensor.element_size()
         self.communication["calls"] += 1
-        return tensor
+        return tensor.to(home)
 
     def _clip_deferred(self) -> None:
         """All-layer: one all-reduce of every deferred microbatch's squared per-sample norms, then clip them all."""

@@ -287,7 +287,7 @@ class ShardedGradientWriter:
         self.mesh = mesh
 
     def __call__(self, clipped: list[tuple[nn.Parameter, Tensor]] | None) -> bool:
-        refused = dp.any_rank(clipped is None, self.group, self.device)
+        refused = dp.any_rank(clipped is None, self.group)
         self.last_refused = refused
         if refused:
             self.refused = True
@@ -362,7 +362,7 @@ class ShardedPrivateTraining(PrivateTraining):
             or self.engine.nonfinite_passes != self._nonfinite_seen
             or any(p.grad is not None and not bool(torch.isfinite(p.grad.to_local()).all()) for p in params)
         )
-        if dp.any_rank(failed, self.process_group, self.gradients.device):
+        if dp.any_rank(failed, self.process_group):
             self.gradients.refused = False
             self._reset_batch_stats()
             if self.tracker is not None:

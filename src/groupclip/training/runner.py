@@ -149,6 +149,8 @@ def join_launch(device: torch.device) -> Launch:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Launch()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL and groupclip's small collectives use the current device
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Launch(dist.get_rank(), dist.get_world_size(), owns_group=True)
 
