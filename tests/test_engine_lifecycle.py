@@ -208,10 +208,9 @@ def test_frozen_parameters_get_no_grad_and_their_module_is_not_hooked():
     model.head.bias.requires_grad_(False)  # partly frozen: still hooked, for its weight
     engine = ClippingEngine(model, grouping="param-wise", max_grad_norm=0.3)
     with engine:
-        for path in ("emb", "block.0"):
-            m = model.get_submodule(path)
-            assert not any(getattr(m, a) for a in HOOK_DICTS), path
-        assert model.head._forward_hooks
+        model(*net_batch()[:1])
+        (trace,) = engine.live
+        assert {use.path for use in trace.uses} == {"block.1", "block.3", "head"}  # frozen modules record nothing
         for p in (model.emb.weight, model.block[0].weight, model.block[0].bias):
             assert not p._backward_hooks
     assert "emb.weight" not in engine.grouping.group_of()
@@ -387,22 +386,30 @@ def test_no_grad_forward_between_forward_and_backward_does_not_supersede():
 
 
 # ---------------------------------------------------------------------- passes must pair up
-def test_backward_of_superseded_forward_raises_and_writes_nothing():
+def test_backward_of_an_earlier_forward_is_exact_and_the_later_one_too():
+    """Each forward is a trace of its own: backward of the earlier one after a later forward clips that pass."""
     torch.manual_seed(0)
     model = Net().double()
     b1, b2 = net_batch(seed=1), net_batch(seed=2)
+    per_sample = [per_sample_gradients(model, net_loss, b) for b in (b1, b2)]
     with ClippingEngine(model, grouping="all-layer", max_grad_norm=0.2) as engine:
-        stale = net_loss(model, b1).mean()
-        fresh = net_loss(model, b2).mean()
-        with pytest.raises(PassError, match="superseded"):
-            stale.backward()
-        assert all(p.grad is None for p in model.parameters())
-        fresh.backward()  # the latest forward still works
-    want, _ = reference_clip(
-        per_sample_gradients(model, net_loss, b2), engine.grouping, engine.thresholds, engine.clip_fn
-    )
-    for n, p in model.named_parameters():
-        assert rel(p.grad, want[n]) < 1e-10, n
+        earlier = net_loss(model, b1).mean()
+        later = net_loss(model, b2).mean()
+        for loss, grads in ((earlier, per_sample[0]), (later, per_sample[1])):
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+            want, _ = reference_clip(grads, engine.grouping, engine.thresholds, engine.clip_fn)
+            for n, p in model.named_parameters():
+                assert rel(p.grad, want[n]) < 1e-10, n
+
+
+def test_one_backward_over_two_forwards_needs_aligned_calls_and_writes_nothing():
+    model = Net().double()
+    with ClippingEngine(model, grouping="all-layer", max_grad_norm=0.2):
+        loss = net_loss(model, net_batch(seed=1)).mean() + net_loss(model, net_batch(seed=2)).mean()
+        with pytest.raises(PassError, match="aligned_calls=True"):
+            loss.backward()
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_backward_twice_raises_and_keeps_grads():

@@ -28,6 +28,8 @@ import torch
 from torch import Tensor
 
 FactorFn = Callable[[Tensor, Tensor], Tensor]
+# (squared norms in units of the threshold [m, B], thresholds [m, 1] or None, out [m, B] or None) -> factors [m, B]
+NormalizedFn = Callable[[Tensor, Tensor | None, Tensor | None], Tensor]
 
 
 @dataclass(frozen=True)
@@ -39,11 +41,17 @@ class ClipFunction:
         factors: the function.
         bound_proven: the factors satisfy ``C * norm <= R`` by construction (the built-ins), so the engine skips
             its runtime check; leave False for your own functions.
+        normalized: optional fast form for many groups at once: ``(q, R, out) -> factors`` where ``q = ||g||^2 /
+            R^2`` is ``[groups, B]`` and ``R`` the ``[groups, 1]`` thresholds (given iff ``needs_thresholds``).
+            The engine uses it to clip every group that completes at one point with a couple of ops.
+        needs_thresholds: ``normalized`` reads ``R``.
     """
 
     name: str
     factors: FactorFn
     bound_proven: bool = False
+    normalized: NormalizedFn | None = None
+    needs_thresholds: bool = False
 
     def __call__(self, norms: Tensor, threshold: Tensor | float) -> Tensor:
         return self.factors(norms, torch.as_tensor(threshold, dtype=norms.dtype, device=norms.device))
@@ -53,9 +61,14 @@ def _abadi(norms: Tensor, threshold: Tensor) -> Tensor:
     return torch.where(norms > threshold, threshold / norms.clamp_min(torch.finfo(norms.dtype).tiny), 1.0)
 
 
+def _abadi_normalized(q: Tensor, thresholds: Tensor | None, out: Tensor | None) -> Tensor:
+    # min(1, R / ||g||) = 1 / sqrt(max(1, ||g||^2 / R^2)); a zero norm gives 1.
+    return torch.rsqrt(q.clamp_min(1.0), out=out)
+
+
 def abadi() -> ClipFunction:
     """Abadi et al. clipping: ``min(1, R / ||g||)``."""
-    return ClipFunction("abadi", _abadi, bound_proven=True)
+    return ClipFunction("abadi", _abadi, bound_proven=True, normalized=_abadi_normalized)
 
 
 def automatic(gamma: float = 0.01) -> ClipFunction:
@@ -66,7 +79,18 @@ def automatic(gamma: float = 0.01) -> ClipFunction:
     """
     if not gamma > 0:
         raise ValueError(f"Expected gamma={gamma} > 0 for automatic clipping.")
-    return ClipFunction(f"automatic(gamma={gamma})", lambda norms, r: r / (norms + gamma), bound_proven=True)
+
+    def normalized(q: Tensor, thresholds: Tensor | None, out: Tensor | None) -> Tensor:
+        # R / (||g|| + gamma) = 1 / (sqrt(q) + gamma / R)
+        return torch.reciprocal(q.clamp_min(0).sqrt().add_(gamma / thresholds), out=out)
+
+    return ClipFunction(
+        f"automatic(gamma={gamma})",
+        lambda norms, r: r / (norms + gamma),
+        bound_proven=True,
+        normalized=normalized,
+        needs_thresholds=True,
+    )
 
 
 _CLIP_FUNCTIONS: dict[str, Callable[..., ClipFunction]] = {"abadi": abadi, "automatic": automatic}

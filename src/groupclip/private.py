@@ -33,11 +33,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from .accounting import AccountantKind, PrivacyAccountant, calibrate_noise_multiplier
 from .adaptive import AdaptiveClipping, QuantileTracker, gradient_noise_multiplier
-from .bookkeeping import ClipReport
 from .clipping import ClipFunction
 from .distributed import data_parallel as dp
 from .distributed.agreement import check_agreement
-from .engine import ClippingEngine, LossReduction, NormMode
+from .engine import ClippingEngine, ClipReport, LossReduction, NormMode
 from .errors import DistributedSetupError, GroupClipError, NonFiniteNormError
 from .grouping import GroupingSpec, trainable_parameters
 from .noise import GaussianNoise

@@ -73,9 +73,8 @@ from torch.distributed.pipelining.schedules import PipelineScheduleSingle, Sched
 from torch.utils.data import DataLoader, Dataset
 
 from ..accounting import AccountantKind, PrivacyAccountant
-from ..bookkeeping import ClipReport
 from ..clipping import ClipFunction, resolve_thresholds
-from ..engine import ClippingEngine, LossReduction, NormMode
+from ..engine import ClippingEngine, ClipReport, LossReduction, NormMode
 from ..errors import DistributedSetupError, NonFiniteNormError, PassError
 from ..grouping import trainable_parameters
 from ..noise import GaussianNoise

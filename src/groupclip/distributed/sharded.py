@@ -72,9 +72,8 @@ from torch import Tensor, nn
 
 from ..accounting import AccountantKind, PrivacyAccountant
 from ..adaptive import AdaptiveClipping
-from ..bookkeeping import ClipReport
 from ..clipping import ClipFunction
-from ..engine import ClippingEngine, LossReduction, NormMode
+from ..engine import ClippingEngine, ClipReport, LossReduction, NormMode
 from ..errors import DistributedSetupError, NonFiniteNormError
 from ..grouping import GroupingSpec, trainable_parameters
 from ..noise import GaussianNoise

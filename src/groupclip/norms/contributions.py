@@ -1,4 +1,4 @@
-"""Per-sample gradient contributions of one use of a parameter, and the algebra groupclip needs on them.
+"""Per-sample gradient contributions of one use of a parameter, and the algebra the engine needs on them.
 
 A layer's per-sample weight gradient is rarely formed explicitly. It is kept in one of three shapes:
 
@@ -6,10 +6,14 @@ A layer's per-sample weight gradient is rarely formed explicitly. It is kept in 
 * :class:`Indexed` -- ``G_i = sum_t e_{index[i, t]}^T right[i, t]`` (embedding lookups),
 * :class:`Instantiated` -- ``G_i`` itself, ``[B, *param_shape]`` (norm layers, the generic fallback).
 
-The engine needs three things of them: the squared per-sample norm of a parameter's total gradient (the SUM
-over all uses of the parameter -- cross terms between uses included, MATH.md §2), and the clipped sum
-``sum_i c_i G_i`` for per-sample coefficients ``c`` (Book-Keeping, MATH.md §3). Norms are computed in at least
-float32 whatever the model's dtype.
+The engine needs two things of them: the squared per-sample norm of a parameter's total gradient -- the SUM over all
+uses of the parameter, cross terms between uses included (``||sum_u G^u||^2 = sum_{u,v} <G^u, G^v>``) -- added into
+a row of its ``[groups, B]`` norm buffer (:meth:`sq_into`), and the clipped sum ``sum_i c_i G_i`` written straight
+into a gradient buffer (:meth:`write`, Book-Keeping: one ordinary weight-gradient product with re-weighted output
+gradients). Both are computed in at least float32 whatever the model's dtype.
+
+Rules produce contributions whose dim 0 holds *rows* -- the layer's own batch dim, which may hold ``outer * B *
+inner`` rows when the batch is folded into it (OPT's ``[B*T, d]``); :meth:`to_samples` regroups them by sample.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..dataflow.layout import to_rows
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype norms and clipped sums are computed in: float32 for half types, else the input's dtype."""
@@ -27,6 +33,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _up(t: Tensor) -> Tensor:
     return t.to(compute_dtype(t.dtype))
+
+
+def _rows(t: Tensor, batch: int, inner: int) -> Tensor:
+    """``[outer * B * inner, T, ...]`` -> ``[B, outer * inner * T, ...]``."""
+    if t.shape[0] == batch:
+        return t
+    grouped = to_rows(t, 0, inner, batch)
+    return grouped.reshape(batch, -1, *t.shape[2:])
 
 
 @dataclass
@@ -48,6 +62,9 @@ class Factored:
     def steps(self) -> int:
         return self.left.shape[1]
 
+    def to_samples(self, batch: int, inner: int) -> Factored:
+        return Factored(_rows(self.left, batch, inner), _rows(self.right, batch, inner), self.param_shape)
+
     def gram_of_right(self) -> Tensor:
         """``R R^T`` per sample, ``[B, T, T]`` (single block only)."""
         right = _up(self.right).reshape(self.right.shape[0], self.steps, -1)
@@ -60,40 +77,46 @@ class Factored:
         right = _up(self.right).permute(0, 2, 1, 3).reshape(b * g, t, -1)
         return left, right
 
-    def ghost_sq_norm(self) -> Tensor:
-        """``sum_{t,s} (L L^T)_{ts} (R R^T)_{ts}`` per sample; time ~ B T^2 (r + c)."""
-        b, _, g, _ = self.left.shape
-        if self.steps == 1:
-            sq = _up(self.left).pow(2).sum(-1) * _up(self.right).pow(2).sum(-1)  # [B, 1, G]
-            return sq.sum((1, 2))
+    def sq_into(self, row: Tensor, alpha: float) -> None:
+        """``row += alpha * ||G_i||^2``: the ghost norm ``sum_{t,s} (L L^T)_{ts} (R R^T)_{ts}``, time ~ B T^2 (r+c)."""
+        b, t, _g, _ = self.left.shape
+        if t == 1:  # G_i = l_i^T r_i per block: ||G_i||^2 = |l_i|^2 |r_i|^2
+            sq = (_up(self.left).pow(2).sum(-1) * _up(self.right).pow(2).sum(-1)).sum((1, 2))
+            row.add_(sq, alpha=alpha)
+            return
         left, right = self._blocks()
-        gram = torch.bmm(left, left.transpose(1, 2))
-        gram.mul_(self.right_gram if self.right_gram is not None else torch.bmm(right, right.transpose(1, 2)))
-        return gram.sum((1, 2)).view(b, g).sum(1)
+        gram_left = torch.bmm(left, left.transpose(1, 2))
+        gram_right = self.right_gram if self.right_gram is not None else torch.bmm(right, right.transpose(1, 2))
+        row.view(b, 1, 1).baddbmm_(gram_left.view(b, 1, -1), gram_right.reshape(b, -1, 1), alpha=alpha)
+
+    def ghost_sq_norm(self) -> Tensor:
+        sq = torch.zeros(self.left.shape[0], dtype=compute_dtype(self.left.dtype), device=self.left.device)
+        self.sq_into(sq, 1.0)
+        return sq
 
     def instantiate(self) -> Instantiated:
-        b, _, _g, _ = self.left.shape
+        b = self.left.shape[0]
         left, right = self._blocks()
         per_sample = torch.bmm(left.transpose(1, 2), right)  # [B*G, r, c]
         return Instantiated(per_sample.view(b, *self.param_shape))
 
-    def clipped_sum(self, coef: Tensor) -> Tensor:
+    def write(self, out: Tensor, coef: Tensor, scale: float, accumulate: bool) -> None:
+        """``out (+)= scale * sum_i coef_i G_i``: the coefficient on the smaller factor, then one product."""
         b, t, g, r = self.left.shape
         c = self.right.shape[-1]
         left, right = _up(self.left), _up(self.right)
         coef = coef.to(left.dtype).view(b, 1, 1, 1)
-        # Scale the smaller factor; one ordinary weight-gradient product per block.
         if r <= c:
             left = left * coef
         else:
             right = right * coef
+        beta = 1 if accumulate else 0
         if g == 1:
-            out = left.reshape(b * t, r).transpose(0, 1) @ right.reshape(b * t, c)
+            out.view(r, c).addmm_(left.reshape(b * t, r).t(), right.reshape(b * t, c), beta=beta, alpha=scale)
         else:
-            left = left.permute(2, 3, 0, 1).reshape(g, r, b * t)
-            right = right.permute(2, 0, 1, 3).reshape(g, b * t, c)
-            out = torch.bmm(left, right)
-        return out.reshape(self.param_shape)
+            lhs = left.permute(2, 3, 0, 1).reshape(g, r, b * t)
+            rhs = right.permute(2, 0, 1, 3).reshape(g, b * t, c)
+            out.view(g, r, c).baddbmm_(lhs, rhs, beta=beta, alpha=scale)
 
     def cross(self, other: Factored) -> Tensor:
         """``<G_i^self, G_i^other>`` per sample by the ghost trick (both uses of one parameter)."""
@@ -102,6 +125,13 @@ class Factored:
         l2, r2 = other._blocks()
         prod = torch.bmm(l1, l2.transpose(1, 2)).mul_(torch.bmm(r1, r2.transpose(1, 2)))
         return prod.sum((1, 2)).view(b, g).sum(1)
+
+    def without(self, samples: Tensor) -> Factored:
+        keep = (~samples).view(-1, 1, 1, 1)
+        return Factored(self.left.where(keep, 0), self.right.where(keep, 0), self.param_shape)
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return (self.left, self.right)
 
 
 @dataclass
@@ -123,11 +153,17 @@ class Indexed:
     def steps(self) -> int:
         return self.index.shape[1]
 
+    def to_samples(self, batch: int, inner: int) -> Indexed:
+        return Indexed(_rows(self.index, batch, inner), _rows(self.right, batch, inner), self.param_shape)
+
     def ghost_sq_norm(self) -> Tensor:
         right = _up(self.right)
         same = self.index.unsqueeze(2) == self.index.unsqueeze(1)  # [B, T, T]
         dots = torch.bmm(right, right.transpose(1, 2))
         return (dots * same).sum((1, 2))
+
+    def sq_into(self, row: Tensor, alpha: float) -> None:
+        row.add_(self.ghost_sq_norm(), alpha=alpha)
 
     def instantiate(self) -> Instantiated:
         b, t = self.index.shape
@@ -138,12 +174,12 @@ class Indexed:
         out.index_add_(0, flat, right.reshape(b * t, c))
         return Instantiated(out.view(b, rows, c))
 
-    def clipped_sum(self, coef: Tensor) -> Tensor:
+    def write(self, out: Tensor, coef: Tensor, scale: float, accumulate: bool) -> None:
         right = _up(self.right)
         weighted = right * coef.to(right.dtype).view(-1, 1, 1)
-        out = torch.zeros(self.param_shape, dtype=right.dtype, device=right.device)
-        out.index_add_(0, self.index.reshape(-1), weighted.reshape(-1, self.param_shape[1]))
-        return out
+        if not accumulate:
+            out.zero_()
+        out.index_add_(0, self.index.reshape(-1), weighted.reshape(-1, self.param_shape[1]), alpha=scale)
 
     def cross(self, other: Indexed | Factored) -> Tensor:
         right = _up(self.right)
@@ -157,6 +193,12 @@ class Indexed:
         dots = torch.bmm(_up(other.right).squeeze(2), right.transpose(1, 2))  # [B, T2, T1]
         return (picked * dots).sum((1, 2))
 
+    def without(self, samples: Tensor) -> Indexed:
+        return Indexed(self.index, self.right.where((~samples).view(-1, 1, 1), 0), self.param_shape)
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return (self.index, self.right)
+
 
 @dataclass
 class Instantiated:
@@ -164,16 +206,36 @@ class Instantiated:
 
     grad: Tensor
 
+    def to_samples(self, batch: int, inner: int) -> Instantiated:
+        if self.grad.shape[0] == batch:
+            return self
+        return Instantiated(to_rows(self.grad, 0, inner, batch).sum(1))
+
     def ghost_sq_norm(self) -> Tensor:
         flat = _up(self.grad).flatten(1)
         return (flat * flat).sum(1)
 
+    def sq_into(self, row: Tensor, alpha: float) -> None:
+        b = self.grad.shape[0]
+        flat = _up(self.grad).reshape(b, 1, -1)
+        row.view(b, 1, 1).baddbmm_(flat, flat.transpose(1, 2), alpha=alpha)
+
     def instantiate(self) -> Instantiated:
         return self
+
+    def write(self, out: Tensor, coef: Tensor, scale: float, accumulate: bool) -> None:
+        grad = _up(self.grad)
+        out.view(-1).addmv_(grad.reshape(grad.shape[0], -1).t(), coef.to(grad.dtype), beta=int(accumulate), alpha=scale)
 
     def clipped_sum(self, coef: Tensor) -> Tensor:
         grad = _up(self.grad)
         return torch.tensordot(coef.to(grad.dtype), grad, dims=([0], [0]))
+
+    def without(self, samples: Tensor) -> Instantiated:
+        return Instantiated(self.grad.where((~samples).view(-1, *([1] * (self.grad.dim() - 1))), 0))
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return (self.grad,)
 
 
 Contribution = Factored | Indexed | Instantiated
@@ -218,14 +280,8 @@ def combine_uses(uses: list[Contribution]) -> tuple[Tensor, list[Contribution]]:
 
 def contribution_bytes(contribution: Contribution) -> dict[int, int]:
     """Bytes of the distinct storages a contribution keeps alive, keyed by storage pointer."""
-    if isinstance(contribution, Factored):
-        tensors = (contribution.left, contribution.right)
-    elif isinstance(contribution, Indexed):
-        tensors = (contribution.index, contribution.right)
-    else:
-        tensors = (contribution.grad,)
     out: dict[int, int] = {}
-    for t in tensors:
+    for t in contribution.tensors():
         storage = t.untyped_storage()
         out[storage.data_ptr()] = storage.nbytes()
     return out

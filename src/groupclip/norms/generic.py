@@ -5,8 +5,9 @@ ViT's cls token, custom layers, ``nn.MultiheadAttention``, transposed convolutio
 
 The module's forward is recomputed once, batched, with the random state it had in the real forward (so dropout
 masks are the same) and on copies of its buffers (so running statistics are not updated twice). The per-sample
-gradients are then vector-Jacobian products with the output gradient restricted to one sample at a time,
-vectorised with ``vmap`` in chunks. This costs about B backward passes of that one module: exact, not fast.
+gradients are then vector-Jacobian products with the output gradient restricted to one sample at a time --
+wherever that sample's elements are in each output, as the batch tracker laid them out -- vectorised with ``vmap``
+in chunks. This costs about B backward passes of that one module: exact, not fast.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
+from ..dataflow.layout import sample_ids
 from .contributions import Instantiated
 
 # Upper bound on the bytes of masked cotangents materialised at once by the per-sample vmap.
@@ -53,10 +55,9 @@ def generic_contributions(
     random_state: RandomState,
     output_positions: Sequence[int],
     output_grads: Sequence[Tensor],
-    broadcast: Sequence[bool],
+    layouts: Sequence[tuple[int, int] | None],
     wanted: Collection[str],
     batch_size: int,
-    batch_dims: Sequence[int] | None = None,
 ) -> dict[str, Instantiated]:
     """Per-sample gradients of ``module``'s own parameters named in ``wanted``.
 
@@ -64,13 +65,13 @@ def generic_contributions(
         module: the module; its hooks must be inert while this runs (the engine suspends them).
         args, kwargs: the inputs of the real forward call.
         random_state: generator states captured just before that call.
-        output_positions: indices, in ``torch.utils._pytree.tree_leaves(output)``, of the outputs that were
-            tapped for gradients.
-        output_grads: the gradient of the loss w.r.t. each tapped output, ``[B, ...]``.
-        broadcast: per tapped output, whether the real output had leading dimension 1 and was expanded to B.
+        output_positions: indices, in ``torch.utils._pytree.tree_leaves(output)``, of the tapped outputs.
+        output_grads: per tapped output, the gradient of the loss with respect to it; ``[B, *shape]`` (one per
+            sample, stacked) where its layout is None.
+        layouts: per tapped output, ``(dim, inner)``: where its samples are (see :mod:`groupclip.dataflow.tags`);
+            None for a batch-free output whose gradients come stacked by sample.
         wanted: names of the module's own trainable parameters.
         batch_size: B.
-        batch_dims: per tapped output, the dim that holds the batch (0 unless given; RNN states use 1).
     """
     from torch.utils._pytree import tree_leaves
 
@@ -88,23 +89,30 @@ def generic_contributions(
         _, pullback = vjp(forward, params)
 
     grads = tuple(g.detach() for g in output_grads)
-    dims = list(batch_dims) if batch_dims is not None else [0] * len(grads)
-    sample_ids = torch.arange(batch_size, device=grads[0].device)
+    device = grads[0].device
+    masks = []
+    for g, layout in zip(grads, layouts, strict=True):
+        if layout is None:
+            masks.append(None)
+            continue
+        dim, inner = layout
+        shape = [1] * g.dim()
+        shape[dim] = g.shape[dim]
+        masks.append(sample_ids(g.shape[dim], batch_size, inner, device=device).view(shape))
+    samples = torch.arange(batch_size, device=device)
 
     def one_sample(i: Tensor) -> dict[str, Tensor]:
         cotangents = []
-        for g, was_broadcast, dim in zip(grads, broadcast, dims, strict=True):
-            if was_broadcast:
-                cotangents.append(g.index_select(0, i.view(1)))
+        for g, mask in zip(grads, masks, strict=True):
+            if mask is None:
+                cotangents.append(g.index_select(0, i.view(1)).squeeze(0))
             else:
-                shape = [1] * g.dim()
-                shape[dim] = batch_size
-                cotangents.append(g * (sample_ids == i).to(g.dtype).view(shape))
+                cotangents.append(g * (mask == i).to(g.dtype))
         with torch.backends.mkldnn.flags(enabled=False):
             return pullback(tuple(cotangents))[0]
 
-    per_sample_bytes = sum(g.numel() * g.element_size() for g in grads) or 1
-    chunk = max(1, min(batch_size, COTANGENT_BUDGET_BYTES // per_sample_bytes))
+    per_sample_bytes = sum(g.numel() * g.element_size() for g, m in zip(grads, masks, strict=True) if m is not None)
+    chunk = max(1, min(batch_size, COTANGENT_BUDGET_BYTES // max(per_sample_bytes, 1)))
     with torch.no_grad():
-        per_sample = vmap(one_sample, chunk_size=chunk)(sample_ids)
+        per_sample = vmap(one_sample, chunk_size=chunk)(samples)
     return {name: Instantiated(per_sample[name]) for name in wanted}

@@ -44,7 +44,7 @@ def rms_norm(module: nn.RMSNorm, activation: Tensor, grad_output: Tensor, wanted
     return _affine(xhat, grad_output, len(module.normalized_shape), None, wanted)
 
 
-@register_layer(nn.GroupNorm)
+@register_layer(nn.GroupNorm, rows="first")
 def group_norm(module: nn.GroupNorm, activation: Tensor, grad_output: Tensor, wanted: Collection[str]):
     with torch.no_grad():
         xhat = F.group_norm(activation, module.num_groups, None, None, module.eps)
@@ -68,4 +68,4 @@ def instance_norm(module: nn.modules.instancenorm._InstanceNorm, activation: Ten
 
 
 for _norm in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
-    register_layer(_norm)(instance_norm)
+    register_layer(_norm, rows="first")(instance_norm)

@@ -41,24 +41,37 @@ class LayerRule:
             :class:`~groupclip.errors.UnsupportedModuleError` for configurations the rule cannot handle.
         right_is_input: the rule's ``Factored.right`` is the layer input itself (reshaped), so layers reading
             the same input tensor (attention q, k, v) can share one Gram ``a a^T`` for their ghost norms.
+        rows: which input dims may hold the samples. ``"leading"``: the layer acts on trailing dims only (Linear,
+            Embedding, LayerNorm), so any leading dim may, and the engine moves it to dim 0 before calling the rule;
+            ``"first"``: only dim 0 (convolutions, GroupNorm), as the layer mixes the others.
+
+    Whatever the model's layout, the rule sees the layer's own tensors with its batch dim first; when the samples
+    are folded into that dim (``[B*T, d]``) the engine regroups the contributions by sample afterwards.
     """
 
     module_type: type[nn.Module]
     contributions: RuleFn
     check: CheckFn | None = None
     right_is_input: bool = False
+    rows: str = "leading"
 
 
 _RULES: dict[type[nn.Module], LayerRule] = {}
 
 
 def register_layer(
-    module_type: type[nn.Module], *, check: CheckFn | None = None, right_is_input: bool = False
+    module_type: type[nn.Module],
+    *,
+    check: CheckFn | None = None,
+    right_is_input: bool = False,
+    rows: str = "leading",
 ) -> Callable[[RuleFn], RuleFn]:
     """Decorator registering ``fn`` as the per-sample rule of ``module_type`` (replacing any earlier one)."""
+    if rows not in ("leading", "first"):
+        raise ValueError(f"Expected rows={rows!r} in ('leading', 'first').")
 
     def decorate(fn: RuleFn) -> RuleFn:
-        _RULES[module_type] = LayerRule(module_type, fn, check, right_is_input)
+        _RULES[module_type] = LayerRule(module_type, fn, check, right_is_input, rows)
         return fn
 
     return decorate
