@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .rules import Call, LayoutLost, lookup, op_name
+from .rules import Call, LayoutLost, funcs_named, lookup, op_name
 from .rules.elementwise import DETACHING, LINEAR, POINTWISE, SCALING
 from .tags import ATTRIBUTE, Kind, Tag, batched, free, lost, write_tag
 
@@ -39,10 +39,16 @@ class TraceHost(Protocol):
     def masked_meeting(self, output: Tensor, tag: Tag, aliases: list[tuple[Tensor, Tensor]], call: str) -> Tensor: ...
     def refuse(self, message: str, sources: tuple[int, ...]) -> None: ...
     def consumed(self, tensor: Tensor, sources: tuple[int, ...]) -> None: ...
+    def checkpointed(self) -> bool: ...
     def aligned(self, tensor: Tensor, sources: tuple[int, ...], layout: tuple[int, int]) -> None: ...
 
 
 POINTWISE_SET = frozenset(POINTWISE)
+# Elementwise ops that save none of their operands for backward: an expanded operand changes no saved tensor, which
+# a non-reentrant activation checkpoint compares between the first run and the recomputation.
+UNSAVED_OPERANDS = frozenset(
+    funcs_named(["add", "sub", "subtract", "rsub", "add_", "sub_", "__radd__", "__rsub__", "where", "masked_fill"])
+)
 INPLACE_WRITES = frozenset({Tensor.__setitem__})
 
 # Queries whose results are never tensors: answered without looking at tags.
@@ -169,6 +175,8 @@ class BatchTracker(TorchFunctionMode):
                     all_sources,
                 )
         if func not in POINTWISE_SET or _writes_into(func, args, free_operands):
+            return args, kwargs, True
+        if func not in UNSAVED_OPERANDS and trace.checkpointed():
             return args, kwargs, True
         try:
             shapes = [t.shape for t in _all_tensors(args, kwargs)]

@@ -5,15 +5,16 @@
 * Each module owning trainable parameters switches them to ``requires_grad=False`` while it runs, so autograd does
   no weight-gradient work, and records a use: the module's tensors pass through a tap that will hand the engine
   their gradient. Rules see the module's own tensors; other modules go through the generic fallback.
-* Every module also watches for forward passes inside a backward pass -- activation checkpointing -- to keep the
-  tracker on while a checkpointed region is recomputed: ``use_reentrant=False`` recomputes what was recorded, so the
-  hooks replay it (the same taps, nothing recorded); ``use_reentrant=True`` ran the region under ``no_grad`` at
-  first, so the recomputation is recorded then, into the trace that ran it.
+* Activation checkpointing re-runs parts of the forward inside the backward pass. ``use_reentrant=False`` recomputes
+  what was recorded: the hooks *replay* it (the same switches and taps, so the same tensors are saved; nothing is
+  recorded). ``use_reentrant=True`` ran the region under ``no_grad`` at first: each such call is recorded as a
+  *deferred call* (its layouts, read off the tags then), and its recomputation, in the same order, becomes the use.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections import deque
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -23,31 +24,51 @@ from ..dataflow.tags import Kind, batched, free, read_tag, write_tag
 from ..errors import BatchDimensionError, PassError, UnsupportedModuleError
 from ..norms.generic import RandomState
 from .taps import GuardTap, UseTap
-from .trace import BATCHED, FREE, Trace, Use, view_key
+from .trace import BATCHED, FREE, Trace, Use, input_identity
 
 if TYPE_CHECKING:
     from .core import ClippingEngine
 
 
+class Deferred(NamedTuple):
+    """A call's layouts: ``kind`` (batched or batch-free), per tapped tensor its ``(dim, inner)`` (None: batch-free)
+    and tag, and the batch-free uses its input derives from."""
+
+    kind: str
+    layouts: list
+    tags: list
+    sources: tuple
+
+
 class Frame:
     """One active call of a hooked module (between its pre-hook and its hook)."""
 
-    __slots__ = ("canonical", "disabled", "fired", "mode", "names", "random_state", "trace")
+    __slots__ = ("canonical", "deferred", "deferring", "disabled", "fired", "names", "random_state", "trace")
 
     def __init__(self, trace: Trace | None) -> None:
         self.trace = trace
+        self.deferred: Deferred | None = None  # a reentrant recomputation: the call's layouts as first recorded
+        self.deferring: list[nn.Parameter] = []  # a call under no_grad that a reentrant checkpoint may recompute
         self.disabled: list[nn.Parameter] = []
         self.canonical: dict[int, nn.Parameter] = {}  # id(swapped-in tensor) -> the attach-time parameter
         self.names: dict[int, str] = {}  # id(tensor in a slot at the pre-hook) -> its name relative to the module
         self.fired: set[int] = set()
         self.random_state: RandomState | None = None
-        self.mode = False  # this call entered the tracker (a recomputation inside backward)
+
+
+def _saved_tensor_hooks_owner() -> str:
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return getattr(hooks[0], "__qualname__", "") if hooks is not None else ""
 
 
 def in_recomputation() -> bool:
     """Inside a non-reentrant activation checkpoint's recomputation (its saved-tensor hooks are active)."""
-    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    return hooks is not None and getattr(hooks[0], "__qualname__", "").startswith("_recomputation_hook")
+    return _saved_tensor_hooks_owner().startswith("_recomputation_hook")
+
+
+def in_checkpoint_region() -> bool:
+    """Inside the first run of a non-reentrant activation checkpoint's region (which will be recomputed)."""
+    return _saved_tensor_hooks_owner().startswith("_checkpoint_hook")
 
 
 def inside_backward() -> bool:
@@ -63,24 +84,19 @@ class Capture:
         self.frames: dict[int, list[Frame]] = {}
         self.active_generic: list[Frame] = []
         self.disabled_count: dict[int, int] = {}
-        self.trace: Trace | None = None  # the trace being recorded (or replayed)
+        self.trace: Trace | None = None  # the trace being recorded
         self.depth = 0
+        self.replay = Trace(engine, 0, 1.0, replay=True, number=0)  # non-reentrant recomputations: taps only
 
     # ------------------------------------------------------------------ installation
     def install(self, entries) -> None:
         model = self.engine.model
         self.handles.append(model.register_forward_pre_hook(self.root_pre, with_kwargs=True, prepend=True))
-        hooked = set()
         for entry in entries:
-            hooked.add(id(entry.module))
             self.handles.append(entry.module.register_forward_pre_hook(self.make_pre(entry), with_kwargs=True))
             self.handles.append(
                 entry.module.register_forward_hook(self.make_post(entry), with_kwargs=True, always_call=True)
             )
-        for module in model.modules():
-            if id(module) not in hooked and module is not model:
-                self.handles.append(module.register_forward_pre_hook(self.plain_pre, with_kwargs=True))
-                self.handles.append(module.register_forward_hook(self.plain_post, with_kwargs=True, always_call=True))
         self.handles.append(model.register_forward_hook(self.root_post, with_kwargs=True, always_call=True))
 
     def remove(self) -> None:
@@ -90,13 +106,10 @@ class Capture:
         for frames in self.frames.values():
             for frame in frames:
                 self._enable(frame.disabled)
-                if frame.mode:
-                    self._leave(frame.trace)
         self.frames.clear()
         self.active_generic.clear()
         if self.trace is not None and self.depth:
-            self.engine.tracker.trace = None
-            self.engine.tracker.__exit__(None, None, None)
+            self._leave(self.trace)
         self.trace, self.depth = None, 0
 
     # ------------------------------------------------------------------ the root
@@ -113,7 +126,8 @@ class Capture:
             return
         if not torch.is_grad_enabled():
             return
-        replay = inside_backward() and in_recomputation()
+        if inside_backward() and in_recomputation():  # a non-reentrant checkpoint of the whole model: the module
+            return  # hooks replay its taps
         engine.check_before_forward()
         batch, inputs = engine.batch_inputs(args, kwargs)
         if batch is None:
@@ -122,14 +136,10 @@ class Capture:
                 "pass the batched inputs as tensors (or set batch_args)."
             )
         scale = float(batch) if (engine.loss_reduction == "mean" and batch) else 1.0
-        if replay:
-            trace = engine.trace_of_inputs(inputs) or Trace(engine, batch, scale, replay=True)
-            trace = Trace(engine, batch, scale, replay=True, number=trace.number)
-        else:
-            trace = Trace(engine, batch, scale)
-            tag = batched(trace.number, 0 if batch > 1 else None)
-            for t in inputs:
-                write_tag(t, tag)
+        trace = Trace(engine, batch, scale)
+        tag = batched(trace.number, 0 if batch > 1 else None)
+        for t in inputs:
+            write_tag(t, tag)
         self._enter(trace)
         self.depth = 1
 
@@ -145,7 +155,7 @@ class Capture:
         if self.depth > 0:
             return None
         self._leave(trace)
-        if output is None or trace.replay:  # the forward raised (always_call), or a recomputation
+        if output is None:  # the forward raised (always_call)
             return None
         trace.forward_done = True
         self.engine.trace_closed(trace)
@@ -163,47 +173,17 @@ class Capture:
         tracker.__exit__(None, None, None)
         self.trace = None
 
-    # ------------------------------------------------------------------ modules without parameters
-    def plain_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        trace = self.trace
-        if trace is not None:  # inside a recorded forward: only a no_grad region (maybe checkpointed) matters
-            if not torch.is_grad_enabled() and not trace.replay:
-                with self.engine.tracker_paused():
-                    trace.remember_inputs(_tensor_leaves((args, kwargs)))
-            return
-        if not torch.is_grad_enabled() or not inside_backward() or self.engine.suspended_count:
-            return
-        with self.engine.tracker_paused():
-            frame = self._recomputation_frame(module, args, kwargs)
-        if frame is not None:
-            self.frames.setdefault(id(module), []).append(frame)
-
-    def plain_post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        frames = self.frames.get(id(module))
-        if frames:
-            frame = frames.pop()
-            if frame.mode:
-                self._leave(frame.trace)
-
-    def _recomputation_frame(self, module: nn.Module, args: tuple, kwargs: dict) -> Frame | None:
-        """A forward inside backward (activation checkpointing): enter the tracker with the trace it belongs to."""
-        engine = self.engine
-        if self.trace is not None or engine.suspended_count or not torch.is_grad_enabled() or not inside_backward():
-            return None
-        tensors = _tensor_leaves((args, kwargs))
+    # ------------------------------------------------------------------ recomputation (activation checkpointing)
+    def _trace_for_call(self, module: nn.Module) -> tuple[Trace | None, Deferred | None]:
+        """The trace a call of a module owning parameters belongs to: the one being recorded; a replay of it (a
+        non-reentrant checkpoint recomputing it); or, with its recorded layouts, a reentrant recomputation."""
+        if self.trace is not None:
+            return self.trace, None
+        if not torch.is_grad_enabled() or not inside_backward():
+            return None, None
         if in_recomputation():
-            original = engine.trace_of_inputs(tensors)
-            if original is None:
-                return None
-            trace = Trace(engine, original.batch, original.loss_scale, replay=True, number=original.number)
-        else:
-            trace = engine.trace_of_recomputed(tensors)
-            if trace is None:
-                return None
-        frame = Frame(trace)
-        frame.mode = True
-        self._enter(trace)
-        return frame
+            return self.replay, None
+        return self.engine.deferred_call(id(module))
 
     # ------------------------------------------------------------------ modules with parameters
     def make_pre(self, entry):
@@ -216,8 +196,7 @@ class Capture:
                 return _pre(module, args, kwargs)
 
         def _pre(module: nn.Module, args: tuple, kwargs: dict):
-            outer = self._recomputation_frame(module, args, kwargs)
-            trace = self.trace
+            trace, deferred = self._trace_for_call(module)
             if trace is None:
                 return None
             replaced = None
@@ -227,13 +206,15 @@ class Capture:
                 args, kwargs = tree_map(lambda t: trace.raw_alias(t) if _raw(t, trace) else t, (args, kwargs))
                 replaced = (args, kwargs)
             if not torch.is_grad_enabled():  # a reentrant checkpoint may recompute this call in backward
-                if not trace.replay:
-                    trace.defer(entry.trainable_now())
-                    trace.remember_inputs(_tensor_leaves((args, kwargs)))
-                if outer is not None:
-                    self.frames.setdefault(id(module), []).append(outer)
+                if trace.replay:
+                    return None
+                frame = Frame(trace)
+                frame.deferring = entry.trainable_now()
+                trace.defer(frame.deferring)
+                self.frames.setdefault(id(module), []).append(frame)
                 return None
-            frame = outer or Frame(trace)
+            frame = Frame(trace)
+            frame.deferred = deferred
             current = []
             for owner, name, local, canonical in entry.slots:
                 p = owner._parameters.get(name)
@@ -265,6 +246,12 @@ class Capture:
                     self.active_generic.remove(frame)
                 for outer in self.active_generic:
                     outer.fired.add(id(module))
+                if frame.deferring:
+                    if output is not None:
+                        frame.trace.deferred_calls.setdefault(id(module), deque()).append(
+                            self._classify(entry, args, kwargs, output, frame.trace)
+                        )
+                    return None
                 if output is None or frame.trace is None or not frame.disabled:
                     return None
                 if frame.trace.state is not None and not frame.trace.replay:
@@ -274,8 +261,6 @@ class Capture:
                 return self._record_generic(frame, entry, args, kwargs, output)
             finally:
                 self._enable(frame.disabled)
-                if frame.mode:
-                    self._leave(frame.trace)
 
         return post
 
@@ -290,21 +275,51 @@ class Capture:
             if not any(n.rpartition(".")[0] == c or n.rpartition(".")[0].startswith(c + ".") for c in covered)
         }
 
+    def _classify(self, entry, args: tuple, kwargs: dict, output: Any, trace: Trace) -> Deferred:
+        """How a call's samples are laid out, read off the tags: ``(kind, layouts, output tags)``."""
+        if entry.rule is not None:
+            x, output = _rule_tensors(entry, args, kwargs, output)
+            xtag, otag = read_tag(x, trace.number), read_tag(output, trace.number)
+            kind, layout, sources = self._use_kind(entry, xtag, otag, "input")
+            if kind == BATCHED and (otag is None or (otag.dim, otag.inner) != layout):
+                raise BatchDimensionError(
+                    f"{entry.describe()}: its output is {otag.describe() if otag else 'batch-free'} while its input "
+                    f"is {xtag.describe()}; groupclip cannot match its rows to samples."
+                )
+            return Deferred(kind, [layout], [otag], sources)
+        leaves = tree_flatten(output)[0]
+        floating = [leaf for leaf in leaves if isinstance(leaf, Tensor) and leaf.is_floating_point()]
+        tags = [read_tag(leaf, trace.number) for leaf in floating]
+        bad = [t for t in tags if t is not None and t.kind not in (Kind.BATCHED, Kind.FREE)]
+        if bad:
+            worst = max(bad, key=lambda t: t.kind)
+            raise BatchDimensionError(
+                f"{entry.describe()}: an output is {worst.describe()}; per-sample gradients of its parameters need "
+                "per-sample outputs."
+            )
+        # Outputs without samples (batch-free: they depend on the parameters alone) get per-sample gradients where
+        # they meet per-sample data, like any batch-free use's.
+        layouts = [(t.dim, t.inner) if t is not None and t.kind == Kind.BATCHED else None for t in tags]
+        inputs = tree_flatten((args, kwargs))[0]
+        sources = tuple(s for t in _tags_of(inputs, trace.number) if t.kind == Kind.FREE for s in t.sources)
+        kind = BATCHED if any(layout is not None for layout in layouts) else FREE
+        return Deferred(kind, layouts, tags, sources)
+
+    def _recorded(self, frame: Frame, entry, args, kwargs, output) -> Deferred:
+        """The call's layouts: read off the tags now, or recorded when a reentrant checkpoint first ran it."""
+        if frame.deferred is None:
+            return self._classify(entry, args, kwargs, output, frame.trace)
+        if frame.deferred.kind != BATCHED:
+            raise BatchDimensionError(
+                f"{entry.describe()} is a batch-free use inside a region of a reentrant activation checkpoint, whose "
+                "recomputation groupclip cannot follow; use torch.utils.checkpoint with use_reentrant=False."
+            )
+        return frame.deferred
+
     def _record_rule(self, frame: Frame, entry, args: tuple, kwargs: dict, output: Any) -> Any:
         trace = frame.trace
-        x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
-        if not isinstance(x, Tensor) or not isinstance(output, Tensor):
-            raise UnsupportedModuleError(
-                f"{entry.describe()} was called without a tensor input or returned a non-tensor; its rule needs "
-                "input and output tensors."
-            )
-        xtag, otag = read_tag(x, trace.number), read_tag(output, trace.number)
-        kind, layout, sources = self._use_kind(entry, xtag, otag, "input")
-        if kind == BATCHED and (otag is None or (otag.dim, otag.inner) != layout):
-            raise BatchDimensionError(
-                f"{entry.describe()}: its output is {otag.describe() if otag else 'batch-free'} while its input is "
-                f"{xtag.describe()}; groupclip cannot match its rows to samples."
-            )
+        x, output = _rule_tensors(entry, args, kwargs, output)
+        kind, (layout,), (otag,), sources = self._recorded(frame, entry, args, kwargs, output)
         if trace.replay:
             out = trace.tap(None, [x.detach()], [output])[0]
             write_tag(out, otag if kind == BATCHED else free(trace.number, ()))
@@ -313,7 +328,7 @@ class Capture:
         use.layouts = [layout]
         use.upstream = sources
         if entry.rule.right_is_input:
-            use.gram_key = view_key(x)
+            use.gram_key = input_identity(x)
         out = trace.tap(use, [x.detach()], [output])[0]
         write_tag(out, otag if kind == BATCHED else free(trace.number, (*sources, use.index)))
         return out
@@ -342,37 +357,23 @@ class Capture:
                 f"{entry.describe()} owns trainable parameters but returned no floating-point tensor, so no gradient "
                 "can reach them."
             )
-        tags = [read_tag(leaves[i], trace.number) for i in positions]
         outputs = [leaves[i] for i in positions]
-        bad = [t for t in tags if t is not None and t.kind not in (Kind.BATCHED, Kind.FREE)]
-        if bad:
-            worst = max(bad, key=lambda t: t.kind)
-            raise BatchDimensionError(
-                f"{entry.describe()}: an output is {worst.describe()}; per-sample gradients of its parameters need "
-                "per-sample outputs."
-            )
+        kind, layouts, tags, sources = self._recorded(frame, entry, args, kwargs, output)
         inputs, in_spec = tree_flatten((args, kwargs))
         tensor_slots = [i for i, v in enumerate(inputs) if isinstance(v, Tensor)]
         saved = [inputs[i].detach() for i in tensor_slots]
-        # Outputs without samples (batch-free: they depend on the parameters alone) get per-sample gradients where
-        # they meet per-sample data, like any batch-free use's.
-        layouts = [(t.dim, t.inner) if t is not None and t.kind == Kind.BATCHED else None for t in tags]
-        sources = tuple(s for t in _tags_of(inputs, trace.number) if t.kind == Kind.FREE for s in t.sources)
         if trace.replay:
             tapped = trace.tap(None, saved, outputs)
         else:
-            kind = BATCHED if any(layout is not None for layout in layouts) else FREE
             use = Use(trace, entry.path, entry.module, None, self._params_of(frame, entry, True), kind)
             use.layouts = layouts
             use.upstream = sources
             shapes = [(t.shape, t.dtype, t.device) for t in outputs]
             use.extra = _GenericInputs(in_spec, inputs, tensor_slots, frame.random_state, positions, shapes)
             tapped = trace.tap(use, saved, outputs)
-            for t, layout, tag in zip(tapped, layouts, tags, strict=True):
-                write_tag(t, tag if layout is not None else free(trace.number, (*sources, use.index)))
-        if trace.replay:
-            for t, layout, tag in zip(tapped, layouts, tags, strict=True):
-                write_tag(t, tag if layout is not None else free(trace.number, ()))
+            sources = (*sources, use.index)
+        for t, layout, tag in zip(tapped, layouts, tags, strict=True):
+            write_tag(t, tag if layout is not None else free(trace.number, sources if not trace.replay else ()))
         for i, t in zip(positions, tapped, strict=True):
             leaves[i] = t
         return tree_unflatten(leaves, spec)
@@ -419,6 +420,16 @@ class _GenericInputs:
 
 def _raw(t: Any, trace: Trace) -> bool:
     return isinstance(t, nn.Parameter) and t.requires_grad and trace.trainable(t)
+
+
+def _rule_tensors(entry, args: tuple, kwargs: dict, output: Any) -> tuple[Tensor, Tensor]:
+    x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
+    if not isinstance(x, Tensor) or not isinstance(output, Tensor):
+        raise UnsupportedModuleError(
+            f"{entry.describe()} was called without a tensor input or returned a non-tensor; its rule needs input "
+            "and output tensors."
+        )
+    return x, output
 
 
 def _tensor_leaves(tree: Any) -> list[Tensor]:

@@ -260,12 +260,14 @@ class ClippingEngine(Lifecycle, MeetingMixin):
 
     @contextlib.contextmanager
     def computing(self) -> Iterator[None]:
-        """Module hooks are inert while the engine computes (the generic fallback re-runs modules)."""
+        """Module hooks and the tracker are inert while the engine computes (the generic fallback re-runs modules)."""
         self.suspended_count += 1
+        self.tracker.paused += 1
         try:
             yield
         finally:
             self.suspended_count -= 1
+            self.tracker.paused -= 1
 
     @contextlib.contextmanager
     def tracker_paused(self) -> Iterator[None]:

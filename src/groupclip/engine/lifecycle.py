@@ -10,13 +10,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..dataflow.tags import Kind, write_tag
 from ..errors import AttachError, UnattributedGradientError
 from ..grouping import needs_execution_order, resolve_grouping, trainable_parameters
 from ..norms import register_transformers_layers
 from .capture import Capture
 from .entries import BATCH_MIXING, module_entries
-from .trace import Trace, view_key
+from .trace import Trace
 
 _ENGINES: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
 
@@ -140,26 +139,16 @@ class Lifecycle:
             self._set_grouping(resolve_grouping(self.model, self.grouping_spec, order))
         self.live.add(trace)
 
-    def trace_of_inputs(self, tensors) -> Trace | None:
-        """The live trace whose tags these tensors carry (a non-reentrant checkpoint recomputes with them)."""
-        numbers = {t._groupclip_tag.trace for t in tensors if getattr(t, "_groupclip_tag", None)}
-        for trace in self.live:
-            if trace.number in numbers:
-                return trace
-        return None
-
-    def trace_of_recomputed(self, tensors) -> Trace | None:
-        """The trace a reentrant checkpoint is recomputing, found by its inputs' storage; their tags restored."""
+    def deferred_call(self, module_id: int):
+        """``(trace, recorded layouts)`` of the next recomputation of a module's no_grad call (a reentrant
+        checkpoint), from the newest trace whose backward is running; ``(None, None)`` if none awaits one."""
         for trace in sorted(self.live, key=lambda t: -t.number):
             if trace.state is None or trace.state.finished:
                 continue
-            found = [(t, trace.recompute_inputs.get(view_key(t))) for t in tensors]
-            if any(tag is not None for _, tag in found):
-                for t, tag in found:
-                    if tag is not None and tag.kind != Kind.FREE:
-                        write_tag(t, tag)
-                return trace
-        return None
+            calls = trace.deferred_calls.get(module_id)
+            if calls:
+                return trace, calls.popleft()
+        return None, None
 
     # ------------------------------------------------------------------ parameters used outside the forward
     def _install_leak_checks(self, entries) -> None:

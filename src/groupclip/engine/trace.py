@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from ..dataflow.tags import Kind, Tag, free, write_tag
+from ..dataflow.tags import Tag, free, write_tag
 from ..errors import BatchDimensionError
 from .taps import MeetingTap, UseTap
 
@@ -138,7 +138,7 @@ class Trace:
         self.replay = replay  # a non-reentrant checkpoint recomputation: taps as before, records nothing
         self.uses: list[Use] = []
         self.deferred: dict[int, int] = {}  # param id -> calls under no_grad (a reentrant checkpoint recomputes them)
-        self.recompute_inputs: dict[tuple, Tag] = {}  # view identity of inputs of no_grad calls -> their tags
+        self.deferred_calls: dict[int, Any] = {}  # id(module) -> its no_grad calls' layouts, in order
         self.forward_done = False
         self.state: Any = None  # the backward state that took this trace
         self.activation_bytes = 0
@@ -146,7 +146,8 @@ class Trace:
 
     # ------------------------------------------------------------------ TraceHost
     def trainable(self, param: Tensor) -> bool:
-        return id(param) in self.engine.trainable_ids
+        """A trainable parameter of the model (used raw: outside a recorded call of its module) with grad on."""
+        return id(param) in self.engine.trainable_ids and torch.is_grad_enabled()
 
     def raw_alias(self, param: nn.Parameter) -> Tensor:
         """A batch-free alias of a parameter used outside a call of its module (per-sample gradients attributed)."""
@@ -176,6 +177,11 @@ class Trace:
             "batch-free tensor where it meets per-sample data elementwise or in an op with a layout rule; "
             "see groupclip.dataflow.register_layout_rule."
         )
+
+    def checkpointed(self) -> bool:
+        from .capture import in_checkpoint_region
+
+        return in_checkpoint_region()
 
     def consumed(self, tensor: Tensor, sources: tuple[int, ...]) -> None:
         for s in sources:
@@ -228,13 +234,14 @@ class Trace:
         for p in params:
             self.deferred[id(p)] = self.deferred.get(id(p), 0) + 1
 
-    def remember_inputs(self, tensors) -> None:
-        """Tags of a no_grad call's inputs, for a reentrant checkpoint's recomputation (which detaches them)."""
-        for t in tensors:
-            tag = getattr(t, "_groupclip_tag", None)
-            if tag is not None and tag.trace == self.number and tag.kind != Kind.FREE:
-                self.recompute_inputs[view_key(t)] = tag
+
+_INPUTS = itertools.count(1)
 
 
-def view_key(t: Tensor) -> tuple:
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+def input_identity(t: Tensor) -> int:
+    """A number for this tensor object, the same for every layer that reads it (q, k, v share one Gram)."""
+    number = getattr(t, "_groupclip_input", None)
+    if number is None:
+        number = next(_INPUTS)
+        t._groupclip_input = number
+    return number
