@@ -34,12 +34,26 @@ def _to64(batch: tuple) -> tuple:
     return tuple(t.double() if isinstance(t, Tensor) and t.is_floating_point() else t for t in batch)
 
 
-def per_sample_gradients(model: nn.Module, loss: PerSampleLoss, batch: tuple) -> dict[str, Tensor]:
-    """``name -> [B, *shape]`` per-sample gradients of the per-sample losses, float64, via torch.func.grad."""
+def per_sample_gradients(
+    model: nn.Module, loss: PerSampleLoss, batch: tuple, method: str = "func"
+) -> dict[str, Tensor]:
+    """``name -> [B, *shape]`` per-sample gradients of the per-sample losses, float64, one sample at a time.
+
+    ``method="func"``: torch.func.grad; ``"loop"``: plain autograd on each single sample (for models whose own
+    autograd.Functions do not support torch.func, e.g. BLOOM's GeLU).
+    """
     model64 = copy.deepcopy(model).double()
     params = {n: p.detach() for n, p in trainable_parameters(model64).items()}
     batch64 = _to64(batch)
     size = next(t for t in batch if isinstance(t, Tensor)).shape[0]
+    if method == "loop":
+        named = trainable_parameters(model64)
+        rows = []
+        for i in range(size):
+            total = loss(model64, _slice(batch64, i))[0]
+            found = torch.autograd.grad(total, list(named.values()), allow_unused=True)
+            rows.append({n: g if g is not None else torch.zeros_like(p) for (n, p), g in zip(named.items(), found)})
+        return {n: torch.stack([r[n] for r in rows]) for n in named}
 
     def sample_loss(p: dict[str, Tensor], sample: tuple) -> Tensor:
         return loss(_Bound(model64, p), sample)[0]
@@ -86,7 +100,9 @@ def max_relative_error(got: Mapping[str, Tensor], want: Mapping[str, Tensor]) ->
     return worst
 
 
-def check_engine(model, loss: PerSampleLoss, batch: tuple, *, reduction: str = "mean", **engine_kwargs):
+def check_engine(
+    model, loss: PerSampleLoss, batch: tuple, *, reduction: str = "mean", method: str = "func", **engine_kwargs
+):
     """Run the engine on ``model`` and return ``(engine, clipped grads, reference grads, norms, ref norms)``."""
     from groupclip import ClippingEngine
 
@@ -98,6 +114,6 @@ def check_engine(model, loss: PerSampleLoss, batch: tuple, *, reduction: str = "
         total.backward()
     params = trainable_parameters(model)
     got = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in params.items()}
-    per_sample = per_sample_gradients(model, loss, batch)
+    per_sample = per_sample_gradients(model, loss, batch, method)
     want, want_norms = reference_clip(per_sample, engine.grouping, engine.thresholds, engine.clip_fn)
     return engine, got, want, engine.last_report.per_sample_norms, want_norms

@@ -161,6 +161,8 @@ class BatchTracker(TorchFunctionMode):
             return rule(Call(func, args, kwargs, out, number, trace.batch, tags))
         except LayoutLost as lost_layout:
             return lost(number, Kind.UNKNOWN, str(lost_layout))
+        except Exception as exc:  # a rule that does not understand this call: the layout is lost, loudly later
+            return lost(number, Kind.UNKNOWN, f"{op_name(func)} (its layout rule failed: {type(exc).__name__}: {exc})")
 
     # ------------------------------------------------------------------ meetings
     def _meet(self, func, args, kwargs, tags, free_operands, trace: TraceHost):

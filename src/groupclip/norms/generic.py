@@ -81,7 +81,9 @@ def generic_contributions(
     def forward(p: dict[str, Tensor]) -> tuple[Tensor, ...]:
         # oneDNN's RNN backward has no vmap batching rule; the reference kernels compute the same function.
         with random_state.replay(), torch.backends.mkldnn.flags(enabled=False):
-            out = functional_call(module, {**p, **buffers}, args, kwargs)
+            # tie_weights=False: a parameter shared with a submodule that recorded its own use (RoBERTa's LM head
+            # bias is also its decoder's) stays a constant there, so only this module's own uses are differentiated.
+            out = functional_call(module, {**p, **buffers}, args, kwargs, tie_weights=False)
         leaves = tree_leaves(out)
         return tuple(leaves[i] for i in output_positions)
 

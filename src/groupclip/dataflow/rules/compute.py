@@ -132,10 +132,15 @@ def matmul(call: Call):
 
 @register_layout_rule(*funcs_named(["addmm", "baddbmm", "addmv", "addbmm", "addr"]))
 def add_product(call: Call):
-    bias, a, b = call.args[0], call.args[1], call.args[2]
-    if call.name.endswith("addbmm") and any(call.tag(x) is not None and call.tag(x).dim == 0 for x in (a, b)):
+    op = call.name.rsplit(".", 1)[-1].rstrip("_")
+    names = {
+        "addmm": ("mat1", "mat2"), "baddbmm": ("batch1", "batch2"), "addbmm": ("batch1", "batch2"),
+        "addmv": ("mat", "vec"), "addr": ("vec1", "vec2"),
+    }[op]  # fmt: skip
+    bias, a, b = call.arg(0, "input"), call.arg(1, names[0]), call.arg(2, names[1])
+    if op == "addbmm" and any(call.tag(x) is not None and call.tag(x).dim == 0 for x in (a, b)):
         return call.reduced()
-    if call.name.endswith("addr"):
+    if op == "addr":
         raise LayoutLost("addr (outer product)")
     product = _matmul_dims(a, b, call.out, call.tag(a), call.tag(b), call) if call.tag(a) or call.tag(b) else None
     inputs = []
