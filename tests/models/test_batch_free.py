@@ -139,7 +139,7 @@ def _t5_loss(model, batch):
 @pytest.mark.parametrize(("batch", "steps"), [(4, 4), (3, 5)], ids=["T==B", "T!=B"])
 def test_t5_relative_attention_bias_encoder_and_decoder_exact(batch, steps, grouping, clip_fn) -> None:
     model, data = _t5(batch, steps)
-    engine, got, want, norms, ref_norms = check_engine(
+    _engine, got, want, norms, ref_norms = check_engine(
         model, _t5_loss, data, grouping=_grouping(grouping), max_grad_norm=0.05, clip_fn=clip_fn
     )
     _assert_exact(got, want, norms, ref_norms)  # 1e-6: T5's layer norm computes its variance in float32
