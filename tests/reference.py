@@ -52,7 +52,8 @@ def per_sample_gradients(
         for i in range(size):
             total = loss(model64, _slice(batch64, i))[0]
             found = torch.autograd.grad(total, list(named.values()), allow_unused=True)
-            rows.append({n: g if g is not None else torch.zeros_like(p) for (n, p), g in zip(named.items(), found, strict=False)})
+            pairs = zip(named.items(), found, strict=True)
+            rows.append({n: g if g is not None else torch.zeros_like(p) for (n, p), g in pairs})
         return {n: torch.stack([r[n] for r in rows]) for n in named}
 
     def sample_loss(p: dict[str, Tensor], sample: tuple) -> Tensor:
