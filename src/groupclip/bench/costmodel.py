@@ -53,6 +53,7 @@ class LayerUse:
     kind: LayerKind
     params: dict[str, str]  # canonical parameter name -> local name ("weight", "bias", ...)
     numel: dict[str, int]  # canonical parameter name -> elements
+    dims: dict[str, int] = field(default_factory=dict)  # canonical parameter name -> tensor dims
     steps: int = 1  # T
     cols: int = 0  # p: input features per block
     rows: int = 0  # d: output features per block
@@ -176,7 +177,19 @@ class ModelCost:
         pending_group = {g: sum(1 for n in names if n in pending_param) for g, names in resolved.groups.items()}
         kept_of_group: dict[str, list[tuple[str, int]]] = {}
         refs: dict[str, list[int]] = {}
+        dims = {name: d for use in self.uses for name, d in use.dims.items()}
+        vector_group = {g: all(dims.get(n, 2) <= 1 for n in names) for g, names in resolved.groups.items()}
+        ready: list[str] = []
         held = peak = 0
+
+        def release(group: str) -> int:
+            freed = 0
+            for key, _ in kept_of_group.pop(group, []):
+                refs[key][0] -= 1
+                if refs[key][0] == 0:
+                    freed += refs.pop(key)[1]
+            return freed
+
         for use in reversed(self.uses):
             for name, items in use.kept(mode, batch).items():
                 group = group_of[name]
@@ -195,10 +208,12 @@ class ModelCost:
                     group = group_of[name]
                     pending_group[group] -= 1
                     if pending_group[group] == 0:
-                        for key, _ in kept_of_group.pop(group, []):
-                            refs[key][0] -= 1
-                            if refs[key][0] == 0:
-                                held -= refs.pop(key)[1]
+                        ready.append(group)
+            # as the engine: groups of vectors only (biases, norm scales) wait for the next clip event
+            if ready and not all(vector_group[g] for g in ready):
+                for group in ready:
+                    held -= release(group)
+                ready = []
         return peak
 
     def base_peak_bytes(self, batch: int) -> int:
@@ -367,6 +382,7 @@ def trace_model(work: Workload, trace_batch: int | None = None, optimizer_state_
                 kind=kind,
                 params=dict(own),
                 numel={n: params[n].numel() for n in own},
+                dims={n: params[n].dim() for n in own},
             )
             for n in own:
                 if n not in order:

@@ -50,6 +50,16 @@ UNSAVED_OPERANDS = frozenset(
     funcs_named(["add", "sub", "subtract", "rsub", "add_", "sub_", "__radd__", "__rsub__", "where", "masked_fill"])
 )
 INPLACE_WRITES = frozenset({Tensor.__setitem__})
+_IN_PLACE: dict = {}
+
+
+def _in_place(func) -> bool:
+    """A method that writes into its first argument (``add_``, ``masked_fill_``...) or ``__setitem__``."""
+    found = _IN_PLACE.get(func)
+    if found is None:
+        name = getattr(func, "__name__", "")
+        found = _IN_PLACE[func] = func in INPLACE_WRITES or (name.endswith("_") and not name.startswith("__"))
+    return found
 
 # Queries whose results are never tensors: answered without looking at tags.
 PASSTHROUGH = {
@@ -79,24 +89,58 @@ class BatchTracker(TorchFunctionMode):
         trace = self.trace
         if trace is None or self.paused or func in PASSTHROUGH:
             return func(*args, **kwargs)
+        # Scan the arguments once: the tags of this trace, and parameters used raw.
         number = trace.number
-        interesting = False
-        for value in args:
-            if _interesting(value, number, trace):
-                interesting = True
-                break
-        else:
-            for value in kwargs.values():
-                if _interesting(value, number, trace):
-                    interesting = True
-                    break
-        if not interesting:
+        found: list[tuple[Tensor, Tag]] = []
+        raw = False
+        for value in (*args, *kwargs.values()) if kwargs else args:
+            if isinstance(value, Tensor):
+                tag = getattr(value, ATTRIBUTE, None)
+                if tag is not None and tag.trace == number:
+                    found.append((value, tag))
+                elif value.requires_grad and trace.trainable(value):
+                    raw = True
+            elif isinstance(value, list | tuple) and value and isinstance(value[0], Tensor | list | tuple):
+                for t in _all_tensors((value,), {}):
+                    tag = getattr(t, ATTRIBUTE, None)
+                    if tag is not None and tag.trace == number:
+                        found.append((t, tag))
+                    elif t.requires_grad and trace.trainable(t):
+                        raw = True
+        if not found and not raw:
             return func(*args, **kwargs)
         self.paused += 1
         try:
+            if not raw and len(found) == 1 and found[0][1].kind == Kind.BATCHED:
+                return self._one_batched(func, args, kwargs, found[0], trace)
             return self._tracked(func, args, kwargs, trace)
         finally:
             self.paused -= 1
+
+    def _one_batched(self, func, args, kwargs, operand: tuple[Tensor, Tag], trace: TraceHost):
+        """The common case: one per-sample argument and no batch-free ones."""
+        out = func(*args, **kwargs)
+        t, tag = operand
+        if isinstance(out, Tensor):
+            if trace.batch <= 1:
+                tag_out = batched(trace.number, None)
+            elif func in POINTWISE_SET and out.shape == t.shape:
+                tag_out = tag  # elementwise, no broadcasting: the same layout
+            else:
+                tag_out = self._result_tags(func, args, kwargs, out, {id(t): tag}, trace)
+            write_tag(out, tag_out if not isinstance(tag_out, list | tuple) else tag_out[0])
+            if out is not t and _in_place(func):  # per-sample data written into a constant
+                _written_in_place(out, tag_out, trace.number)
+            return out
+        tag_or_tags = (
+            batched(trace.number, None)
+            if trace.batch <= 1
+            else self._result_tags(func, args, kwargs, out, {id(t): tag}, trace)
+        )
+        _tag_outputs(out, tag_or_tags, require_grad=False)
+        if _in_place(func) and args and isinstance(args[0], Tensor):
+            _written_in_place(args[0], tag_or_tags, trace.number)
+        return out
 
     # ------------------------------------------------------------------ tagged ops
     def _tracked(self, func, args: tuple, kwargs: dict, trace: TraceHost):
@@ -138,7 +182,7 @@ class BatchTracker(TorchFunctionMode):
         out = func(*args, **kwargs)
         tag_or_tags = self._result_tags(func, args, kwargs, out, tags, trace)
         _tag_outputs(out, tag_or_tags, require_grad=False)
-        if func in INPLACE_WRITES or (out is not None and args and out is args[0]):
+        if _in_place(func) and args and isinstance(args[0], Tensor):
             _written_in_place(args[0], tag_or_tags, number)
         if masked:
             out = self._tap_masked(func, out, tuple(sorted(sources)), aliases, trace)

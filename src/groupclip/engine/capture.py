@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from ..dataflow.tags import Kind, batched, free, read_tag, write_tag
 from ..errors import BatchDimensionError, PassError, UnsupportedModuleError
 from ..norms.generic import RandomState
-from .taps import GuardTap, UseTap
+from .taps import GuardTap, UseTap, UseTap1
 from .trace import BATCHED, FREE, Trace, Use, input_identity
 
 if TYPE_CHECKING:
@@ -50,8 +50,9 @@ class Frame:
         self.deferred: Deferred | None = None  # a reentrant recomputation: the call's layouts as first recorded
         self.deferring: list[nn.Parameter] = []  # a call under no_grad that a reentrant checkpoint may recompute
         self.disabled: list[nn.Parameter] = []
-        self.canonical: dict[int, nn.Parameter] = {}  # id(swapped-in tensor) -> the attach-time parameter
-        self.names: dict[int, str] = {}  # id(tensor in a slot at the pre-hook) -> its name relative to the module
+        # Only when a wrapper swapped tensors into the slots: id(tensor) -> the attach-time parameter / its name.
+        self.canonical: dict[int, nn.Parameter] | None = None
+        self.names: dict[int, str] | None = None
         self.fired: set[int] = set()
         self.random_state: RandomState | None = None
 
@@ -200,7 +201,7 @@ class Capture:
             if trace is None:
                 return None
             replaced = None
-            if torch.is_grad_enabled() and any(_raw(t, trace) for t in _tensor_leaves((args, kwargs))):
+            if torch.is_grad_enabled() and _any_raw(args, kwargs, trace):
                 # A parameter passed raw into a module (DeBERTa's relative embeddings into a LayerNorm): the module
                 # sees its batch-free alias, so its use is a batch-free use derived from the raw one.
                 args, kwargs = tree_map(lambda t: trace.raw_alias(t) if _raw(t, trace) else t, (args, kwargs))
@@ -215,17 +216,19 @@ class Capture:
                 return None
             frame = Frame(trace)
             frame.deferred = deferred
-            current = []
-            for owner, name, local, canonical in entry.slots:
-                p = owner._parameters.get(name)
-                if p is not None:
-                    current.append(p)
-                    frame.names.setdefault(id(p), local)
-                    if p is not canonical:
-                        frame.canonical[id(p)] = canonical
+            current = [d.get(name) for d, name in entry.fast_slots]
+            if any(p is not c for p, c in zip(current, entry.canonical, strict=True)):
+                # A wrapper swapped tensors into the slots (FSDP2): record them under the attach-time parameters.
+                frame.names, frame.canonical = {}, {}
+                for p, (_, name, local, canonical) in zip(current, entry.slots, strict=True):
+                    if p is not None:
+                        frame.names.setdefault(id(p), local)
+                        if p is not canonical:
+                            frame.canonical[id(p)] = canonical
+                current = [p for p in current if p is not None]
             frame.disabled = self._disable(current)
             if entry.rule is None:
-                frame.random_state = RandomState.capture(_tensor_leaves((args, kwargs)))
+                frame.random_state = RandomState.capture(_direct_tensors(args, kwargs))
                 self.active_generic.append(frame)
             self.frames.setdefault(id(module), []).append(frame)
             return replaced
@@ -265,7 +268,12 @@ class Capture:
         return post
 
     def _params_of(self, frame: Frame, entry, generic: bool) -> dict[str, nn.Parameter]:
-        params = {frame.names[id(p)]: frame.canonical.get(id(p), p) for p in frame.disabled}
+        if frame.names is None and len(frame.disabled) == len(entry.canonical):
+            params = entry.params  # the common case: the attach-time parameters, all switched off by this call
+        elif frame.names is None:
+            params = {entry.local_names[id(p)]: p for p in frame.disabled}
+        else:
+            params = {frame.names[id(p)]: frame.canonical.get(id(p), p) for p in frame.disabled}
         if not generic:
             return params
         covered = {name for name, m in entry.module.named_modules() if id(m) in frame.fired and name}
@@ -386,7 +394,7 @@ class Capture:
             if count == 0:
                 if not p.requires_grad:
                     continue
-                p.requires_grad_(False)
+                p.requires_grad = False
             self.disabled_count[id(p)] = count + 1
             switched.append(p)
         return switched
@@ -396,7 +404,7 @@ class Capture:
             count = self.disabled_count.get(id(p), 0) - 1
             if count <= 0:
                 self.disabled_count.pop(id(p), None)
-                p.requires_grad_(True)
+                p.requires_grad = True
             else:
                 self.disabled_count[id(p)] = count
 
@@ -422,6 +430,17 @@ def _raw(t: Any, trace: Trace) -> bool:
     return isinstance(t, nn.Parameter) and t.requires_grad and trace.trainable(t)
 
 
+def _any_raw(args: tuple, kwargs: dict, trace: Trace) -> bool:
+    """A trainable parameter among a call's arguments (direct, or in a list, tuple or dict)."""
+    for value in (*args, *kwargs.values()) if kwargs else args:
+        if isinstance(value, Tensor):
+            if value.requires_grad and trace.trainable(value):
+                return True
+        elif isinstance(value, list | tuple | dict) and any(_raw(t, trace) for t in _tensor_leaves(value)):
+            return True
+    return False
+
+
 def _rule_tensors(entry, args: tuple, kwargs: dict, output: Any) -> tuple[Tensor, Tensor]:
     x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
     if not isinstance(x, Tensor) or not isinstance(output, Tensor):
@@ -430,6 +449,10 @@ def _rule_tensors(entry, args: tuple, kwargs: dict, output: Any) -> tuple[Tensor
             "and output tensors."
         )
     return x, output
+
+
+def _direct_tensors(args: tuple, kwargs: dict) -> list[Tensor]:
+    return [v for v in (*args, *kwargs.values()) if isinstance(v, Tensor)]
 
 
 def _tensor_leaves(tree: Any) -> list[Tensor]:
@@ -456,7 +479,7 @@ def _guard_outputs(trace: Trace, output: Any, anchor: Tensor) -> Any:
         if not isinstance(leaf, Tensor) or not leaf.requires_grad:
             continue
         tag = read_tag(leaf, trace.number)
-        if isinstance(leaf.grad_fn, UseTap._backward_cls):
+        if isinstance(leaf.grad_fn, UseTap._backward_cls | UseTap1._backward_cls):
             leaves[i] = leaf.view_as(leaf)
             write_tag(leaves[i], tag)
             changed = True

@@ -269,13 +269,9 @@ class ClippingEngine(Lifecycle, MeetingMixin):
             self.suspended_count -= 1
             self.tracker.paused -= 1
 
-    @contextlib.contextmanager
-    def tracker_paused(self) -> Iterator[None]:
-        self.tracker.paused += 1
-        try:
-            yield
-        finally:
-            self.tracker.paused -= 1
+    def tracker_paused(self):
+        """The engine's own tensor work in hooks and taps bypasses the tracker (no torch-function dispatch)."""
+        return torch._C.DisableTorchFunction()
 
     def parameter_name(self, param: nn.Parameter) -> str:
         return self._names.get(id(param), "<parameter>")

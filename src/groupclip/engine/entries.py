@@ -27,6 +27,13 @@ class ModuleEntry:
     rule: LayerRule | None
     slots: list[tuple[nn.Module, str, str, nn.Parameter]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        # Precomputed for the per-call hot path.
+        self.fast_slots = [(owner._parameters, name) for owner, name, _, _ in self.slots]
+        self.canonical = [p for _, _, _, p in self.slots]
+        self.params = {local: p for _, _, local, p in self.slots}
+        self.local_names = {id(p): local for _, _, local, p in self.slots}
+
     def describe(self) -> str:
         return f"{self.path or '<root>'} ({type(self.module).__name__})"
 

@@ -30,6 +30,7 @@ class Lifecycle:
         self._names: dict[int, str] = {}
         self._batchnorms: list[tuple[str, nn.Module]] = []
         self._attached_snapshot: tuple | None = None
+        self._structure_at_attach: list = []
 
     def attach(self):
         """Install the hooks. All checks run first, so a refused attach changes nothing."""
@@ -71,6 +72,7 @@ class Lifecycle:
         self._capture = capture
         self._attached = True
         self._attached_snapshot = self._snapshot()
+        self._structure_at_attach = self._structure()
         trainable = self._trainable()
         self.trainable_ids = {id(p) for p in trainable.values()}
         self._names = {id(p): n for n, p in trainable.items()}
@@ -111,6 +113,17 @@ class Lifecycle:
             tuple((name, id(p)) for name, p in self._trainable().items()),
         )
 
+    def _structure(self) -> list[tuple[dict, str, Any, bool]]:
+        """Every module and parameter slot of the model with what it holds now (and, for a parameter, whether
+        it is trainable): a flat list that a forward pass can compare against cheaply."""
+        slots = []
+        for module in self.model.modules():
+            for name, child in module._modules.items():
+                slots.append((module._modules, name, child, False))
+            for name, p in module._parameters.items():
+                slots.append((module._parameters, name, p, p is not None and p.requires_grad))
+        return slots
+
     def _trainable(self) -> dict[str, nn.Parameter]:
         """Trainable parameters by canonical name, each as the attach-time parameter (see ``parameter_alias``)."""
         params = trainable_parameters(self.model)
@@ -119,6 +132,13 @@ class Lifecycle:
         return {name: self.parameter_alias(p) for name, p in params.items()}
 
     def _check_unchanged(self) -> None:
+        """Refuse a forward pass on a model whose modules or trainable parameters changed since attach."""
+        for slots, name, held, trainable in self._structure_at_attach:
+            current = slots.get(name)
+            if current is not held or (trainable != (current is not None and getattr(current, "requires_grad", False))):
+                break
+        else:
+            return
         if self._snapshot() != self._attached_snapshot:
             raise AttachError(
                 "The model changed while the engine was attached (a parameter was frozen/unfrozen or replaced, or a "

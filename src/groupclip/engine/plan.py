@@ -34,6 +34,9 @@ class Plan:
                 self.params[key], self.names[key], self.group_of[key] = p, name, row
                 members.append(key)
             self.members.append(members)
+        # Rows whose parameters are all vectors: their per-sample gradients are small enough to wait for the next
+        # clip event rather than cost one of their own.
+        self.vectors = [all(self.params[k].dim() <= 1 for k in members) for members in self.members]
         dtypes = {compute_dtype(p.dtype) for p in self.params.values()}
         self.norm_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
         first = next(iter(self.params.values()))

@@ -35,19 +35,39 @@ class UseTap(torch.autograd.Function):
     def backward(ctx, *grads):
         use = ctx.use
         if use is not None and not use.engine.pulling:
-            try:
-                saved = ctx.saved_tensors
-            except RuntimeError as err:
-                if "inplace" not in str(err):
-                    raise
-                from ..errors import PassError
-
-                raise PassError(
-                    f"An input of {use.describe()} was modified in place after the module used it; its per-sample "
-                    "gradient would be wrong. Avoid the in-place operation (e.g. use x = x + y instead of x += y)."
-                ) from err
-            use.engine.on_use_grad(use, list(grads), saved)
+            use.engine.on_use_grad(use, list(grads), _saved(ctx, use))
         return (None, None, None, *([None] * ctx.n_saved), *grads)
+
+
+class UseTap1(torch.autograd.Function):
+    """``apply(anchor, saved, output)``: the one-input, one-output case of :class:`UseTap` (a layer with a rule),
+    with fewer arguments to pass; the use is attached to the node afterwards (``node.use``)."""
+
+    @staticmethod
+    def forward(ctx, anchor: Tensor, saved: Tensor, output: Tensor):
+        ctx.save_for_backward(saved)
+        return output.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        use = ctx.use
+        if use is not None and not use.engine.pulling:
+            use.engine.on_use_grad(use, [grad], _saved(ctx, use))
+        return None, None, grad
+
+
+def _saved(ctx, use) -> tuple[Tensor, ...]:
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as err:
+        if "inplace" not in str(err):
+            raise
+        from ..errors import PassError
+
+        raise PassError(
+            f"An input of {use.describe()} was modified in place after the module used it; its per-sample "
+            "gradient would be wrong. Avoid the in-place operation (e.g. use x = x + y instead of x += y)."
+        ) from err
 
 
 class MeetingTap(torch.autograd.Function):

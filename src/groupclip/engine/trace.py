@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..dataflow.tags import Tag, free, write_tag
 from ..errors import BatchDimensionError
-from .taps import MeetingTap, UseTap
+from .taps import MeetingTap, UseTap, UseTap1
 
 if TYPE_CHECKING:
     from .core import ClippingEngine
@@ -208,7 +208,7 @@ class Trace:
 
     # ------------------------------------------------------------------ recording
     def tap(self, use: Use | None, saved: list[Tensor], outputs: list[Tensor]) -> list[Tensor]:
-        """Pass ``outputs`` through a :class:`UseTap` saving ``saved``; returns the tapped outputs."""
+        """Pass ``outputs`` through a tap saving ``saved``; returns the tapped outputs."""
         engine = self.engine
         for t in saved:
             storage = t.untyped_storage()
@@ -216,8 +216,12 @@ class Trace:
                 self._activation_storages.add(storage.data_ptr())
                 self.activation_bytes += storage.nbytes()
         with engine.tracker_paused():
-            tapped = UseTap.apply(use if not self.replay else None, engine.anchor, len(saved), *saved, *outputs)
-        tapped = list(tapped) if isinstance(tapped, tuple) else [tapped]
+            if len(saved) == 1 and len(outputs) == 1:
+                tapped = [UseTap1.apply(engine.anchor, saved[0], outputs[0])]
+                tapped[0].grad_fn.use = use if not self.replay else None
+            else:
+                out = UseTap.apply(use if not self.replay else None, engine.anchor, len(saved), *saved, *outputs)
+                tapped = list(out) if isinstance(out, tuple) else [out]
         if use is not None and tapped:
             use.node = weakref.ref(tapped[0].grad_fn)
             use.output = weakref.ref(tapped[0])

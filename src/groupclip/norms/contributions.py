@@ -8,9 +8,8 @@ A layer's per-sample weight gradient is rarely formed explicitly. It is kept in 
 
 The engine needs two things of them: the squared per-sample norm of a parameter's total gradient -- the SUM over all
 uses of the parameter, cross terms between uses included (``||sum_u G^u||^2 = sum_{u,v} <G^u, G^v>``) -- added into
-a row of its ``[groups, B]`` norm buffer (:meth:`sq_into`), and the clipped sum ``sum_i c_i G_i`` written straight
-into a gradient buffer (:meth:`write`, Book-Keeping: one ordinary weight-gradient product with re-weighted output
-gradients). Both are computed in at least float32 whatever the model's dtype.
+a row of its ``[groups, B]`` norm buffer (:meth:`sq_into`), and the clipped sum ``sum_i c_i G_i`` as a new gradient
+tensor (:meth:`clipped`, Book-Keeping: one ordinary weight-gradient product with re-weighted output gradients).
 
 Rules produce contributions whose dim 0 holds *rows* -- the layer's own batch dim, which may hold ``outer * B *
 inner`` rows when the batch is folded into it (OPT's ``[B*T, d]``); :meth:`to_samples` regroups them by sample.
@@ -33,6 +32,18 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _up(t: Tensor) -> Tensor:
     return t.to(compute_dtype(t.dtype))
+
+
+_ZEROS: dict[tuple, Tensor] = {}
+
+
+def _zero(like: Tensor) -> Tensor:
+    """A 0-dim zero to start ``addmm(zero, ..., beta=0, alpha=s)``: a new result with the scale folded in, one op."""
+    key = (like.dtype, like.device)
+    zero = _ZEROS.get(key)
+    if zero is None:
+        zero = _ZEROS[key] = torch.zeros((), dtype=like.dtype, device=like.device)
+    return zero
 
 
 def _rows(t: Tensor, batch: int, inner: int) -> Tensor:
@@ -100,8 +111,9 @@ class Factored:
         per_sample = torch.bmm(left.transpose(1, 2), right)  # [B*G, r, c]
         return Instantiated(per_sample.view(b, *self.param_shape))
 
-    def write(self, out: Tensor, coef: Tensor, scale: float, accumulate: bool) -> None:
-        """``out (+)= scale * sum_i coef_i G_i``: the coefficient on the smaller factor, then one product."""
+    def clipped(self, coef: Tensor, scale: float, into: Tensor | None = None) -> Tensor:
+        """``scale * sum_i coef_i G_i`` (added into ``into`` if given): the coefficient on the smaller factor, then
+        one ordinary weight-gradient product."""
         b, t, g, r = self.left.shape
         c = self.right.shape[-1]
         left, right = _up(self.left), _up(self.right)
@@ -110,13 +122,16 @@ class Factored:
             left = left * coef
         else:
             right = right * coef
-        beta = 1 if accumulate else 0
         if g == 1:
-            out.view(r, c).addmm_(left.reshape(b * t, r).t(), right.reshape(b * t, c), beta=beta, alpha=scale)
-        else:
-            lhs = left.permute(2, 3, 0, 1).reshape(g, r, b * t)
-            rhs = right.permute(2, 0, 1, 3).reshape(g, b * t, c)
-            out.view(g, r, c).baddbmm_(lhs, rhs, beta=beta, alpha=scale)
+            lhs, rhs = left.reshape(b * t, r).t(), right.reshape(b * t, c)
+            if into is not None:
+                return into.view(r, c).addmm_(lhs, rhs, alpha=scale).view(self.param_shape)
+            return torch.addmm(_zero(lhs), lhs, rhs, beta=0, alpha=scale).view(self.param_shape)
+        lhs = left.permute(2, 3, 0, 1).reshape(g, r, b * t)
+        rhs = right.permute(2, 0, 1, 3).reshape(g, b * t, c)
+        if into is not None:
+            return into.view(g, r, c).baddbmm_(lhs, rhs, alpha=scale).view(self.param_shape)
+        return torch.baddbmm(_zero(lhs), lhs, rhs, beta=0, alpha=scale).view(self.param_shape)
 
     def cross(self, other: Factored) -> Tensor:
         """``<G_i^self, G_i^other>`` per sample by the ghost trick (both uses of one parameter)."""
@@ -174,12 +189,12 @@ class Indexed:
         out.index_add_(0, flat, right.reshape(b * t, c))
         return Instantiated(out.view(b, rows, c))
 
-    def write(self, out: Tensor, coef: Tensor, scale: float, accumulate: bool) -> None:
+    def clipped(self, coef: Tensor, scale: float, into: Tensor | None = None) -> Tensor:
         right = _up(self.right)
         weighted = right * coef.to(right.dtype).view(-1, 1, 1)
-        if not accumulate:
-            out.zero_()
-        out.index_add_(0, self.index.reshape(-1), weighted.reshape(-1, self.param_shape[1]), alpha=scale)
+        if into is None:
+            into = torch.zeros(self.param_shape, dtype=right.dtype, device=right.device)
+        return into.index_add_(0, self.index.reshape(-1), weighted.reshape(-1, self.param_shape[1]), alpha=scale)
 
     def cross(self, other: Indexed | Factored) -> Tensor:
         right = _up(self.right)
@@ -223,13 +238,12 @@ class Instantiated:
     def instantiate(self) -> Instantiated:
         return self
 
-    def write(self, out: Tensor, coef: Tensor, scale: float, accumulate: bool) -> None:
+    def clipped(self, coef: Tensor, scale: float, into: Tensor | None = None) -> Tensor:
         grad = _up(self.grad)
-        out.view(-1).addmv_(grad.reshape(grad.shape[0], -1).t(), coef.to(grad.dtype), beta=int(accumulate), alpha=scale)
-
-    def clipped_sum(self, coef: Tensor) -> Tensor:
-        grad = _up(self.grad)
-        return torch.tensordot(coef.to(grad.dtype), grad, dims=([0], [0]))
+        matrix, vector = grad.reshape(grad.shape[0], -1).t(), coef.to(grad.dtype)
+        if into is not None:
+            return into.view(-1).addmv_(matrix, vector, alpha=scale).view(grad.shape[1:])
+        return torch.addmv(_zero(grad), matrix, vector, beta=0, alpha=scale).view(grad.shape[1:])
 
     def without(self, samples: Tensor) -> Instantiated:
         return Instantiated(self.grad.where((~samples).view(-1, *([1] * (self.grad.dim() - 1))), 0))
