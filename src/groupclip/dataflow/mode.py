@@ -61,6 +61,7 @@ def _in_place(func) -> bool:
         found = _IN_PLACE[func] = func in INPLACE_WRITES or (name.endswith("_") and not name.startswith("__"))
     return found
 
+
 # Queries whose results are never tensors: answered without looking at tags.
 PASSTHROUGH = {
     Tensor.size, Tensor.dim, Tensor.numel, Tensor.stride, Tensor.is_floating_point, Tensor.is_contiguous,

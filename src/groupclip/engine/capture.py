@@ -220,7 +220,7 @@ class Capture:
             if any(p is not c for p, c in zip(current, entry.canonical, strict=True)):
                 # A wrapper swapped tensors into the slots (FSDP2): record them under the attach-time parameters.
                 frame.names, frame.canonical = {}, {}
-                for p, (_, name, local, canonical) in zip(current, entry.slots, strict=True):
+                for p, (_, _name, local, canonical) in zip(current, entry.slots, strict=True):
                     if p is not None:
                         frame.names.setdefault(id(p), local)
                         if p is not canonical:
