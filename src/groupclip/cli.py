@@ -214,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     from .bench.commands import add_parsers, run_bench, run_plan
 
     add_parsers(sub)
+    from .audit import cli as audit_cli
+
+    audit_cli.add_parser(sub)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if args.command in ("epsilon", "calibrate"):
@@ -222,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_bench(args, argv[1:])
     if args.command == "plan":
         return run_plan(args)
+    if args.command == "audit":
+        return audit_cli.run(args)
     if args.command in ("train", "sweep"):
         try:
             return _train(args) if args.command == "train" else _sweep(args)

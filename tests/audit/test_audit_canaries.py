@@ -90,12 +90,13 @@ def test_input_canaries_mislabel_and_score_by_loss_decrease():
     assert len(canaries.training_set(base)) == 7 + int(canaries.included.sum())
     model = nn.Linear(3, 3)
     canaries.snapshot(model)
+    before = canaries.losses(model)
     with torch.no_grad():
         model.weight.zero_()
         model.bias.zero_()
     after = canaries.losses(model)
     assert after.tolist() == pytest.approx([torch.log(torch.tensor(3.0)).item()] * 30)
-    assert torch.allclose(canaries.scores(model), canaries._start - after)
+    assert torch.allclose(canaries.scores(model), before - after)
 
 
 def test_scores_need_a_snapshot():
