@@ -63,6 +63,10 @@ class LayerUse:
     grad_bytes_per_sample: float = 0.0  # output gradient bytes per sample
     elem: int = 4
 
+    def canonical(self, local: str) -> str | None:
+        """The canonical name of this use's parameter ``local`` (e.g. "weight"), if it has one."""
+        return next((name for name, own in self.params.items() if own == local), None)
+
     def ghost(self, mode: NormMode) -> bool:
         if self.kind == "instantiated":
             return False
@@ -78,10 +82,16 @@ class LayerUse:
             return 2.0 * self.steps * sum(self.numel.values())
         return 2.0 * self.steps * self.rows * self.cols * self.blocks
 
-    def kept(self, mode: NormMode, batch: int) -> dict[str, list[tuple[str, int]]]:
-        """Canonical parameter -> [(storage key, bytes)] the engine keeps for it, mirroring ``norms/``."""
+    def kept(self, mode: NormMode, batch: int, joint_bias: bool = True) -> dict[str, list[tuple[str, int]]]:
+        """Canonical parameter -> [(storage key, bytes)] the engine keeps for it, mirroring ``norms/``.
+
+        ``joint_bias``: the layer's weight and bias are in one group, so a ghost-norm weight's bias is clipped
+        from the weight's output gradient (nothing more kept); otherwise the bias is a per-sample vector.
+        Norm layers keep weight and bias side by side in one ``[B, 2, d]`` tensor.
+        """
         out: dict[str, list[tuple[str, int]]] = {}
         fresh = f"use{self.index}"
+        locals_ = set(self.params.values())
         for name, local in self.params.items():
             per_sample = self.numel[name] * max(self.elem, 4)  # instantiated in float32 at least
             if self.kind in ("linear", "conv", "embedding") and local == "weight":
@@ -93,6 +103,11 @@ class LayerUse:
                     out[name] = [(f"{fresh}.grad", int(self.grad_bytes_per_sample * batch)), right]
                 else:
                     out[name] = [(f"{fresh}.{local}", per_sample * batch)]
+            elif self.kind in ("linear", "conv") and local == "bias" and joint_bias and self.ghost(mode):
+                out[name] = [(f"{fresh}.grad", int(self.grad_bytes_per_sample * batch))]
+            elif self.kind == "instantiated" and locals_ == {"weight", "bias"} and self.module_type.endswith("Norm"):
+                both = sum(self.numel.values()) * max(self.elem, 4)
+                out[name] = [(f"{fresh}.affine", both * batch)]
             else:
                 out[name] = [(f"{fresh}.{local}", per_sample * batch)]
         return out
@@ -191,7 +206,9 @@ class ModelCost:
             return freed
 
         for use in reversed(self.uses):
-            for name, items in use.kept(mode, batch).items():
+            weight, bias = use.canonical("weight"), use.canonical("bias")
+            joint = weight is not None and bias is not None and group_of[weight] == group_of[bias]
+            for name, items in use.kept(mode, batch, joint).items():
                 group = group_of[name]
                 for key, nbytes in items:
                     if extra_only and key.startswith("in"):

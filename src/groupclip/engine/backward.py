@@ -18,22 +18,40 @@ are kept); with ``nonfinite="raise"`` the pass then writes nothing and raises in
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ..errors import NonFiniteNormError, PassError
-from ..norms.contributions import Factored, combine_uses, compute_dtype
+from ..norms.contributions import Factored, FactorSum, Instantiated, combine_uses, compute_dtype
 from .compute import shaped_for_norm, use_contributions
 from .memory import MemoryLedger
-from .plan import is_finite_sum, row_span
+from .plan import is_finite_sum, spans
 from .report import ClipReport
 from .trace import Trace, Use
 
 if TYPE_CHECKING:
     from .core import ClippingEngine
+
+
+# Parameters of at most this many elements (biases, norm scales) are gathered per group: their per-sample gradients
+# are small, and one norm and one clipped sum for all of a group's beats one of each per parameter.
+VECTOR_ELEMENTS = 1 << 16
+
+
+def _side_by_side(grads: list[Tensor]) -> Tensor | None:
+    """``[B, total]`` without a copy when the per-sample gradients are consecutive slices of one contiguous
+    ``[B, n, ...]`` tensor in order (a norm layer's weight and bias, see ``norms.normalization``)."""
+    base = grads[0]._base
+    if base is None or not base.is_contiguous() or base.dim() < 2 or base.shape[1] != len(grads):
+        return None
+    step = base.stride(1) * base.element_size()
+    for k, g in enumerate(grads):
+        if g._base is not base or g.data_ptr() != base.data_ptr() + k * step:
+            return None
+    return base.reshape(base.shape[0], -1)
 
 
 def will_run(use: Use) -> bool:
@@ -52,8 +70,10 @@ class BackwardState:
         self.sequence = traces[0].number
         rows = len(plan.groups)
         self.scales = plan.scales(engine.thresholds, self.loss_scale)
+        self.column = engine.threshold_column()
         self.sq = torch.zeros(rows, self.batch, dtype=plan.norm_dtype, device=plan.norm_device)
-        self.factors = torch.ones(rows, self.batch, dtype=plan.norm_dtype, device=plan.norm_device)
+        self.factors = torch.empty(rows, self.batch, dtype=plan.norm_dtype, device=plan.norm_device)
+        self.checks_events = engine.nonfinite == "drop" or engine.clip_fn.normalized is None
         self.pending: dict[int, int] = {}
         self.readers: dict[tuple, int] = {}
         for trace in traces:
@@ -77,6 +97,8 @@ class BackwardState:
         self.ready: list[int] = []
         self.buffers: dict[int, Tensor] = {}  # parameter key -> its clipped sum (compute dtype)
         self.dropped: dict[int, Tensor] = {}
+        self.vectors: dict[int, list] = {}  # row -> [(parameter key, small Instantiated)], gathered when clipped
+        self.gathered: dict[int, tuple] = {}  # row -> (keys, sizes, [B, total]) gathered, not yet clipped
         self.grams: dict[tuple, Tensor] = {}
         self.ledger = MemoryLedger(parent=engine.ledger)
         self.finished = False
@@ -114,21 +136,52 @@ class BackwardState:
             self.grams.pop(key, None)
 
     def use_done(self, use: Use, found: Mapping) -> None:
+        joint = self._joint_bias(use, found)
         for name, p in use.params.items():
             key = id(p)
             c = found.get(name)
+            if type(c) is FactorSum and (joint is None or name not in joint):
+                c = c.instantiate()  # a small [B, bias] now: the weight's factors are not kept for it
             if c is not None:
                 self.uses_of.setdefault(key, []).append(c)
                 self.ledger.hold(c)
             self.pending[key] -= 1
             if self.pending[key] == 0:
-                self._complete(key)
+                self._complete(key, norm_added=joint is not None and name in joint)
         self._maybe_clip()
 
-    def _complete(self, key: int) -> None:
+    def _joint_bias(self, use: Use, found: Mapping) -> tuple[str, str] | None:
+        """A weight and its bias (:class:`FactorSum`) in one group, each used once: add their norm in one op."""
+        for bias, c in found.items():
+            if type(c) is not FactorSum:
+                continue
+            for weight, w in found.items():
+                if w is not c.source:
+                    continue
+                kw, kb = id(use.params[weight]), id(use.params[bias])
+                group_of, pending = self.plan.group_of, self.pending
+                if (
+                    group_of[kw] == group_of[kb]
+                    and pending[kw] == 1
+                    and pending[kb] == 1
+                    and kw not in self.uses_of
+                    and kb not in self.uses_of
+                ):
+                    row = group_of[kw]
+                    target = self.sq[row]
+                    if w.left.device == target.device and compute_dtype(w.left.dtype) == target.dtype:
+                        w.sq_into(target, self.scales[row], with_bias=True)
+                        return weight, bias
+        return None
+
+    def _complete(self, key: int, norm_added: bool = False) -> None:
         row = self.plan.group_of[key]
         uses = self.uses_of.pop(key, [])
-        if uses:
+        if uses and norm_added:
+            self.kept[key] = uses
+        elif len(uses) == 1 and self._is_vector(uses[0], key):
+            self.vectors.setdefault(row, []).append((key, uses[0]))
+        elif uses:
             target = self.sq[row]
             if len(uses) == 1:
                 kept = uses
@@ -149,6 +202,43 @@ class BackwardState:
         if self.group_left[row] == 0:
             self.ready.append(row)
 
+    def _is_vector(self, c, key: int) -> bool:
+        """Per-sample gradients small enough to gather: their norms and clipped sums are one op per group."""
+        if type(c) is FactorSum:
+            c = c.instantiate()
+        return (
+            type(c) is Instantiated
+            and self.plan.params[key].numel() <= VECTOR_ELEMENTS
+            and c.grad.device == self.sq.device
+            and compute_dtype(c.grad.dtype) == self.sq.dtype
+        )
+
+    def _gather_vectors(self, row: int) -> None:
+        """Add the norm of a row's gathered vectors (one op), keep them as one ``[B, total]`` tensor to clip."""
+        items = self.vectors.pop(row, None)
+        if not items:
+            return
+        b = self.batch
+        grads = [(c.instantiate() if type(c) is FactorSum else c).grad for _, c in items]
+        flats = [g.reshape(b, -1) for g in grads]
+        flat = flats[0] if len(flats) == 1 else _side_by_side(grads)
+        if flat is None:
+            flat = torch.cat(flats, 1)
+        flat = flat.to(self.sq.dtype)  # half-precision models: norms and sums in float32
+        self.sq[row].view(b, 1, 1).baddbmm_(flat.view(b, 1, -1), flat.view(b, -1, 1), alpha=self.scales[row])
+        self.gathered[row] = ([key for key, _ in items], [f.shape[1] for f in flats], flat)
+        for _, c in items:
+            self.ledger.release(c)
+        self.ledger.hold(Instantiated(flat))
+
+    def _clip_gathered(self, row: int, coef: Tensor, drop: Tensor | None) -> None:
+        keys, sizes, flat = self.gathered.pop(row)
+        whole = Instantiated(flat)
+        self.ledger.release(whole)
+        out = (whole if drop is None else whole.without(drop)).clipped(coef, self.loss_scale)
+        for key, part in zip(keys, out.split(sizes), strict=True):
+            self.buffers[key] = part.view(self.plan.params[key].shape)
+
     def _maybe_clip(self) -> None:
         """Clip the ready groups now -- unless they all hold only per-sample vectors (biases, norm scales), which
         wait for the next event: a few bytes more held, one event (a check and a factor computation) fewer."""
@@ -161,30 +251,39 @@ class BackwardState:
 
     # ------------------------------------------------------------------ clipping
     def clip(self, rows: list[int]) -> None:
-        """One event: factors for every row (group) in ``rows``, then their clipped sums."""
+        """One event: factors for every row (group) in ``rows``, then their clipped sums.
+
+        Consecutive rows get their factors in one op. Only when non-finite norms must be dropped sample by sample
+        (``nonfinite="drop"``) or the clip function is the user's (its bound is checked) does an event look at the
+        values, one sum each; otherwise the pass is checked once, when it commits.
+        """
         rows = sorted(r for r in rows if not self.clipped[r])
         if not rows:
             return
-        span = row_span(rows)
-        index = None if span is not None else torch.tensor(rows, device=self.sq.device)
-        sq = self.sq[span] if span is not None else self.sq.index_select(0, index)
-        bad = not is_finite_sum(sq)
-        factors = self.engine.clip_factors(sq, rows, self.factors[span] if span is not None and not bad else None)
-        if bad:
-            finite = torch.isfinite(sq)
-            factors = factors.where(finite, 0)
-            for k, row in enumerate(rows):
-                if not bool(finite[k].all()):
-                    self.dropped[row] = ~finite[k]
-        if span is None or bad:
-            if span is not None:
+        engine = self.engine
+        check = self.checks_events
+        coefs: dict[int, Tensor] = {}
+        for row in rows:
+            self._gather_vectors(row)
+        for span in spans(rows):
+            sq = self.sq[span]
+            if check and not is_finite_sum(sq):
+                finite = torch.isfinite(sq)
+                factors = engine.clip_factors(sq.where(finite, 0), span, column=self.column).where(finite, 0)
                 self.factors[span] = factors
+                for k in range(span.stop - span.start):
+                    if not bool(finite[k].all()):
+                        self.dropped[span.start + k] = ~finite[k]
             else:
-                self.factors.index_copy_(0, index, factors)
+                factors = engine.clip_factors(sq, span, self.factors[span], self.column)
+            for k in range(span.stop - span.start):
+                coefs[span.start + k] = factors[k]
         scale = self.loss_scale
-        for k, row in enumerate(rows):
-            coef = factors[k]
+        for row in rows:
+            coef = coefs[row]
             drop = self.dropped.get(row)
+            if row in self.gathered:
+                self._clip_gathered(row, coef, drop)
             for key in self.plan.members[row]:
                 kept = self.kept.pop(key, None)
                 if not kept:
@@ -213,6 +312,8 @@ class BackwardState:
                     if self.pending[key] == 0:
                         self._complete(key)
             trace.deferred.clear()
+        for row in list(self.vectors):  # every norm complete before a deferred pass reports its norms
+            self._gather_vectors(row)
         engine = self.engine
         if engine.defer_clipping:
             engine.deferred.append(self)
@@ -224,6 +325,9 @@ class BackwardState:
         """Write the clipped sums into ``.grad`` (or the grad sink), then report; or refuse on non-finite norms."""
         engine = self.engine
         engine.peak_held_bytes = max(engine.peak_held_bytes, self.ledger.peak_held_bytes, engine.ledger.peak_held_bytes)
+        if not self.checks_events and not is_finite_sum(self.sq):
+            finite = torch.isfinite(self.sq)
+            self.dropped = {r: ~finite[r] for r in range(len(self.plan.groups)) if not bool(finite[r].all())}
         if self.dropped and engine.nonfinite == "raise":
             engine.nonfinite_passes += 1
             if engine.grad_sink is not None:
@@ -259,47 +363,26 @@ class BackwardState:
         engine.report(self.report(started))
 
     def report(self, started_fresh: bool) -> ClipReport:
-        plan = self.plan
-        thresholds = dict(self.engine.thresholds)
-        column = plan.threshold_column(thresholds)
-        norms = self.sq.clamp_min(0).sqrt_().mul_(column)
         return ClipReport(
             batch_size=self.batch,
-            per_sample_norms=Rows(norms, plan.groups),
-            clip_factors=Rows(self.factors, plan.groups),
-            thresholds=thresholds,
+            groups=self.plan.groups,
+            thresholds=dict(self.engine.thresholds),
+            threshold_column=self.column,
+            normalized_squares=self.sq,
+            factors=self.factors,
             peak_held_bytes=self.ledger.peak_held_bytes,
             activation_bytes=sum(t.activation_bytes for t in self.traces),
             started_fresh=started_fresh,
-            dropped={plan.groups[r]: torch.nonzero(m).flatten().tolist() for r, m in self.dropped.items()},
-            squared_norms=norms.square(),
-            factors=self.factors,
         )
 
     # ------------------------------------------------------------------ deferred clipping (pipeline stages)
     def squared_norms(self) -> Tensor:
         """``[groups, B]`` squared per-sample norms (of the per-sample losses) of a finished, unclipped pass."""
-        return self.sq * self.plan.threshold_column(self.engine.thresholds).square()
+        return self.sq * self.engine.threshold_column().square()
 
     def clip_with(self, squared_norms: Tensor) -> None:
         """Clip every group with given ``[groups, B]`` squared norms (summed over pipeline stages), then commit."""
-        column = self.plan.threshold_column(self.engine.thresholds).square()
+        column = self.engine.threshold_column().square()
         self.sq = (squared_norms.to(self.sq) / column).contiguous()
         self.clip(list(range(len(self.plan.groups))))
         self.commit()
-
-
-class Rows(Mapping):
-    """``group -> [B]`` rows of a ``[groups, B]`` tensor, sliced on access."""
-
-    def __init__(self, table: Tensor, groups: list[str]) -> None:
-        self._table, self._index = table, {g: k for k, g in enumerate(groups)}
-
-    def __getitem__(self, group: str) -> Tensor:
-        return self._table[self._index[group]]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._index)
-
-    def __len__(self) -> int:
-        return len(self._index)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..errors import BatchDimensionError
 from ..norms import Factored, Instantiated, generic_contributions
-from ..norms.contributions import Contribution
+from ..norms.contributions import Contribution, FactorSum
 from .trace import BATCHED, RAW, Use
 
 if TYPE_CHECKING:
@@ -133,6 +133,8 @@ def shaped_for_norm(contribution: Contribution, mode: NormMode) -> Contribution:
         return contribution
     if mode == "instantiate":
         return contribution.instantiate()
+    if isinstance(contribution, FactorSum):  # a bias: cheap either way; joins its weight's norm when it can
+        return contribution
     steps = contribution.steps
     if isinstance(contribution, Factored):
         rows, cols = contribution.left.shape[-1], contribution.right.shape[-1]

@@ -115,6 +115,8 @@ class ClippingEngine(Lifecycle, MeetingMixin):
         self.last_report: ClipReport | None = None
         self.peak_held_bytes = 0
         self.nonfinite_passes = 0  # passes refused for non-finite norms (nonfinite="raise"; nothing written)
+        self._column: Tensor | None = None  # threshold_column(), cached per plan and thresholds
+        self._column_key: tuple | None = None
         # True: a refused pass raises nothing (the caller checks nonfinite_passes; data-parallel training raises at
         # optimizer.step() on every rank together instead of in one rank's backward).
         self.defer_nonfinite_error = False
@@ -226,14 +228,16 @@ class ClippingEngine(Lifecycle, MeetingMixin):
             raise error
 
     # ------------------------------------------------------------------ used by capture, taps and states
-    def clip_factors(self, sq: Tensor, rows: list[int], out: Tensor | None) -> Tensor:
-        """Factors ``[m, B]`` for squared norms ``sq`` in units of each row's threshold."""
+    def clip_factors(self, sq: Tensor, rows: slice, out: Tensor | None = None, column: Tensor | None = None) -> Tensor:
+        """Factors ``[m, B]`` for squared norms ``sq`` of the groups ``rows``, in units of each one's threshold
+        (``column``: :meth:`threshold_column` if the caller has it)."""
         fn = self.clip_fn
         if fn.normalized is not None:
-            column = self.plan.threshold_column(self.thresholds)[rows] if fn.needs_thresholds else None
+            if fn.needs_thresholds:
+                column = (column if column is not None else self.threshold_column())[rows]
             return fn.normalized(sq, column, out)
         factors = []
-        for k, row in enumerate(rows):
+        for k, row in enumerate(range(rows.start, rows.stop)):
             threshold = self.thresholds[self.plan.groups[row]]
             norms = sq[k].clamp_min(0).sqrt() * threshold
             c = fn(norms, threshold)
@@ -249,6 +253,14 @@ class ClippingEngine(Lifecycle, MeetingMixin):
             out.copy_(stacked)
             return out
         return stacked
+
+    def threshold_column(self) -> Tensor:
+        """``[groups, 1]`` thresholds on the norm device, made once per set of thresholds."""
+        key = (id(self.plan), tuple(self.thresholds.items()))
+        if self._column_key != key:
+            self._column = self.plan.threshold_column(self.thresholds)
+            self._column_key = key
+        return self._column
 
     def report(self, report: ClipReport) -> None:
         self.last_report = report

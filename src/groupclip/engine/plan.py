@@ -53,10 +53,15 @@ class Plan:
         return ", ".join(f"{g} ({len(m)} tensors)" for g, m in zip(self.groups, self.members, strict=True))
 
 
-def row_span(rows: list[int]) -> slice | None:
-    """The rows as a slice if they are consecutive (ascending after sorting), else None."""
-    lo, hi = min(rows), max(rows)
-    return slice(lo, hi + 1) if hi - lo + 1 == len(rows) else None
+def spans(rows: list[int]) -> list[slice]:
+    """Sorted ``rows`` as maximal runs of consecutive rows."""
+    out, start = [], rows[0]
+    for previous, row in zip(rows, rows[1:], strict=False):
+        if row != previous + 1:
+            out.append(slice(start, previous + 1))
+            start = row
+    out.append(slice(start, rows[-1] + 1))
+    return out
 
 
 def is_finite_sum(values: Tensor) -> bool:

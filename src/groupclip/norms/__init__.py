@@ -5,7 +5,7 @@ Importing this package registers the built-in rules; Hugging Face's ``Conv1D`` i
 """
 
 from . import conv, embedding, linear, normalization  # noqa: F401  (register the built-in rules)
-from .contributions import Contribution, Factored, Indexed, Instantiated, combine_uses
+from .contributions import Contribution, Factored, FactorSum, Indexed, Instantiated, combine_uses
 from .generic import generic_contributions
 from .registry import LayerRule, find_rule, register_layer, registered_types
 
@@ -14,6 +14,7 @@ register_transformers_layers = linear.register_transformers_layers
 __all__ = [
     "Contribution",
     "Factored",
+    "FactorSum",
     "Indexed",
     "Instantiated",
     "LayerRule",

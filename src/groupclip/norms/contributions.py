@@ -46,6 +46,29 @@ def _zero(like: Tensor) -> Tensor:
     return zero
 
 
+_ONES: dict[tuple, Tensor] = {}
+
+
+def _one(like: Tensor) -> Tensor:
+    """A 0-dim one, expanded where a Gram needs ``+ 1`` everywhere (no op)."""
+    key = (like.dtype, like.device, "one")
+    one = _ONES.get(key)
+    if one is None:
+        one = _ONES[key] = torch.ones((), dtype=like.dtype, device=like.device)
+    return one
+
+
+def _ones(n: int, like: Tensor) -> Tensor:
+    """``n`` ones (a slice of one cached vector per dtype and device, grown as needed)."""
+    key = (like.dtype, like.device)
+    ones = _ONES.get(key)
+    if ones is None or ones.shape[0] < n:
+        ones = _ONES[key] = torch.ones(
+            max(n, 2 * (0 if ones is None else ones.shape[0])), dtype=like.dtype, device=like.device
+        )
+    return ones[:n]
+
+
 def _rows(t: Tensor, batch: int, inner: int) -> Tensor:
     """``[outer * B * inner, T, ...]`` -> ``[B, outer * inner * T, ...]``."""
     if t.shape[0] == batch:
@@ -68,13 +91,18 @@ class Factored:
     right: Tensor
     param_shape: torch.Size
     right_gram: Tensor | None = None  # ``R R^T`` [B, T, T] when shared with other layers reading the same input
+    # "left" / "right": the use's bias gradient is that factor summed over positions (see :class:`FactorSum`)
+    bias_side: str | None = None
+    # (coefficients, the bias-side factor times them), left by :meth:`clipped` for the bias to reuse
+    scaled: tuple[Tensor, Tensor] | None = None
 
     @property
     def steps(self) -> int:
         return self.left.shape[1]
 
     def to_samples(self, batch: int, inner: int) -> Factored:
-        return Factored(_rows(self.left, batch, inner), _rows(self.right, batch, inner), self.param_shape)
+        left, right = _rows(self.left, batch, inner), _rows(self.right, batch, inner)
+        return Factored(left, right, self.param_shape, bias_side=self.bias_side)
 
     def gram_of_right(self) -> Tensor:
         """``R R^T`` per sample, ``[B, T, T]`` (single block only)."""
@@ -88,16 +116,28 @@ class Factored:
         right = _up(self.right).permute(0, 2, 1, 3).reshape(b * g, t, -1)
         return left, right
 
-    def sq_into(self, row: Tensor, alpha: float) -> None:
-        """``row += alpha * ||G_i||^2``: the ghost norm ``sum_{t,s} (L L^T)_{ts} (R R^T)_{ts}``, time ~ B T^2 (r+c)."""
-        b, t, _g, _ = self.left.shape
-        if t == 1:  # G_i = l_i^T r_i per block: ||G_i||^2 = |l_i|^2 |r_i|^2
-            sq = (_up(self.left).pow(2).sum(-1) * _up(self.right).pow(2).sum(-1)).sum((1, 2))
-            row.add_(sq, alpha=alpha)
-            return
+    def sq_into(self, row: Tensor, alpha: float, with_bias: bool = False) -> None:
+        """``row += alpha * ||G_i||^2``: the ghost norm ``sum_{t,s} (L L^T)_{ts} (R R^T)_{ts}``, time ~ B T^2 (r+c).
+
+        ``with_bias``: the norm of the weight and its bias together (:class:`FactorSum` of this use), one op
+        more than the weight alone: the bias is the bias-side factor times a column of ones, so the other side's
+        Gram gains ``1`` everywhere.
+        """
+        b = self.left.shape[0]
         left, right = self._blocks()
-        gram_left = torch.bmm(left, left.transpose(1, 2))
-        gram_right = self.right_gram if self.right_gram is not None else torch.bmm(right, right.transpose(1, 2))
+        if with_bias and self.bias_side == "right":
+            gram_left = torch.baddbmm(_one(left).expand(left.shape[0], left.shape[1], left.shape[1]), left, left.mT)
+        else:
+            gram_left = torch.bmm(left, left.mT)
+        gram_right = self.right_gram
+        if gram_right is None:
+            if with_bias and self.bias_side == "left":
+                ones = _one(right).expand(right.shape[0], right.shape[1], right.shape[1])
+                gram_right = torch.baddbmm(ones, right, right.mT)
+            else:
+                gram_right = torch.bmm(right, right.mT)
+        elif with_bias and self.bias_side == "left":
+            gram_right = gram_right + 1
         row.view(b, 1, 1).baddbmm_(gram_left.view(b, 1, -1), gram_right.reshape(b, -1, 1), alpha=alpha)
 
     def ghost_sq_norm(self) -> Tensor:
@@ -112,16 +152,20 @@ class Factored:
         return Instantiated(per_sample.view(b, *self.param_shape))
 
     def clipped(self, coef: Tensor, scale: float, into: Tensor | None = None) -> Tensor:
-        """``scale * sum_i coef_i G_i`` (added into ``into`` if given): the coefficient on the smaller factor, then
-        one ordinary weight-gradient product."""
+        """``scale * sum_i coef_i G_i`` (added into ``into`` if given): the coefficient on one factor (the bias side
+        if there is a bias, so the bias reuses it; else the smaller), then one ordinary weight-gradient product."""
         b, t, g, r = self.left.shape
         c = self.right.shape[-1]
         left, right = _up(self.left), _up(self.right)
-        coef = coef.to(left.dtype).view(b, 1, 1, 1)
-        if r <= c:
-            left = left * coef
+        weights = coef.to(left.dtype).view(b, 1, 1, 1)
+        if self.bias_side == "left" or (self.bias_side is None and r <= c):
+            left = left * weights
+            if self.bias_side is not None:
+                self.scaled = (coef, left)
         else:
-            right = right * coef
+            right = right * weights
+            if self.bias_side is not None:
+                self.scaled = (coef, right)
         if g == 1:
             lhs, rhs = left.reshape(b * t, r).t(), right.reshape(b * t, c)
             if into is not None:
@@ -143,7 +187,7 @@ class Factored:
 
     def without(self, samples: Tensor) -> Factored:
         keep = (~samples).view(-1, 1, 1, 1)
-        return Factored(self.left.where(keep, 0), self.right.where(keep, 0), self.param_shape)
+        return Factored(self.left.where(keep, 0), self.right.where(keep, 0), self.param_shape, bias_side=self.bias_side)
 
     def tensors(self) -> tuple[Tensor, ...]:
         return (self.left, self.right)
@@ -252,7 +296,62 @@ class Instantiated:
         return (self.grad,)
 
 
-Contribution = Factored | Indexed | Instantiated
+@dataclass
+class FactorSum:
+    """``b_i = sum_t factor[i, t]`` of a :class:`Factored` use: a linear or convolution layer's bias, formed only
+    when needed. When the weight and the bias share a group, the engine adds their norm in one op
+    (``Factored.sq_into(..., with_bias=True)``); their clipped sums share the weight's re-weighted factor.
+
+    Attributes:
+        source: the weight's contribution (its ``bias_side`` names the factor).
+        param_shape: the bias' shape.
+    """
+
+    source: Factored
+    param_shape: torch.Size
+    _grad: Tensor | None = None
+
+    @property
+    def steps(self) -> int:
+        return self.source.steps
+
+    def _factor(self) -> Tensor:
+        return self.source.left if self.source.bias_side == "left" else self.source.right
+
+    def to_samples(self, batch: int, inner: int) -> FactorSum:
+        return FactorSum(self.source.to_samples(batch, inner), self.param_shape)
+
+    def instantiate(self) -> Instantiated:
+        if self._grad is None:
+            factor = _up(self._factor())
+            self._grad = factor.sum(1).reshape(factor.shape[0], *self.param_shape)
+        return Instantiated(self._grad)
+
+    def ghost_sq_norm(self) -> Tensor:
+        return self.instantiate().ghost_sq_norm()
+
+    def sq_into(self, row: Tensor, alpha: float) -> None:
+        self.instantiate().sq_into(row, alpha)
+
+    def clipped(self, coef: Tensor, scale: float, into: Tensor | None = None) -> Tensor:
+        memo, self.source.scaled = self.source.scaled, None
+        if memo is None or memo[0] is not coef:  # the weight was not clipped with these coefficients just before
+            return self.instantiate().clipped(coef, scale, into)
+        scaled = memo[1]
+        flat = scaled.reshape(-1, scaled.shape[2] * scaled.shape[3])  # [B*T, bias]: sum the rows, one op
+        ones = _ones(flat.shape[0], flat)
+        if into is not None:
+            return into.view(-1).addmv_(flat.t(), ones, alpha=scale).view(self.param_shape)
+        return torch.addmv(_zero(flat), flat.t(), ones, beta=0, alpha=scale).view(self.param_shape)
+
+    def without(self, samples: Tensor) -> Instantiated:
+        return self.instantiate().without(samples)
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return (self._factor(),)
+
+
+Contribution = Factored | Indexed | Instantiated | FactorSum
 
 
 def _can_cross_ghost(u: Contribution, v: Contribution) -> bool:

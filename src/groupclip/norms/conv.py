@@ -12,7 +12,7 @@ from collections.abc import Collection
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .contributions import Contribution, Factored, Instantiated
+from .contributions import Contribution, Factored, FactorSum, Instantiated
 from .registry import register_layer
 
 
@@ -55,8 +55,11 @@ def conv_contributions(
         positions = patches.shape[1]
         left = g.reshape(batch, positions, groups, module.out_channels // groups)
         right = patches.reshape(batch, positions, groups, -1)
-        out["weight"] = Factored(left, right, module.weight.shape)
-    if "bias" in wanted:
+        side = "left" if "bias" in wanted else None
+        out["weight"] = Factored(left, right, module.weight.shape, bias_side=side)
+        if side is not None:
+            out["bias"] = FactorSum(out["weight"], (module.out_channels,))
+    elif "bias" in wanted:
         out["bias"] = Instantiated(g.sum(1))
     return out
 

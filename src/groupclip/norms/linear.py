@@ -11,7 +11,7 @@ from collections.abc import Collection
 
 from torch import Tensor, nn
 
-from .contributions import Contribution, Factored, Instantiated
+from .contributions import Contribution, Factored, FactorSum
 from .registry import register_layer, registered_types
 
 
@@ -27,11 +27,15 @@ def linear_contributions(
     d_out = grad_output.shape[-1]
     a = _as_sequence(activation, d_in)
     g = _as_sequence(grad_output, d_out)
+    side = ("right" if transposed else "left") if "bias" in wanted else None
+    weight = (
+        Factored(a, g, weight_shape, bias_side=side) if transposed else Factored(g, a, weight_shape, bias_side=side)
+    )
     out: dict[str, Contribution] = {}
     if "weight" in wanted:
-        out["weight"] = Factored(a, g, weight_shape) if transposed else Factored(g, a, weight_shape)
+        out["weight"] = weight
     if "bias" in wanted:
-        out["bias"] = Instantiated(g.sum(dim=(1, 2)))
+        out["bias"] = FactorSum(weight, (d_out,))
     return out
 
 

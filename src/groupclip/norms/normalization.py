@@ -23,9 +23,14 @@ def _affine(xhat: Tensor, g: Tensor, param_dims: int, channel_dim: int | None, w
         reduce = tuple(range(1, g.dim() - param_dims))
     else:
         reduce = tuple(d for d in range(1, g.dim()) if d != channel_dim)
-    if "weight" in wanted:
+    if "weight" in wanted and "bias" in wanted:
+        # both from one reduction, side by side in one tensor: the engine gathers them without a copy
+        stacked = torch.stack((xhat * g, g), dim=1)
+        both = stacked.sum(tuple(d + 1 for d in reduce)) if reduce else stacked
+        out["weight"], out["bias"] = Instantiated(both[:, 0]), Instantiated(both[:, 1])
+    elif "weight" in wanted:
         out["weight"] = Instantiated((xhat * g).sum(reduce) if reduce else xhat * g)
-    if "bias" in wanted:
+    elif "bias" in wanted:
         out["bias"] = Instantiated(g.sum(reduce) if reduce else g)
     return out
 
