@@ -6,6 +6,7 @@ Per backward pass the engine then needs no dicts of names: every parameter is an
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 
@@ -56,7 +57,7 @@ class Plan:
 def spans(rows: list[int]) -> list[slice]:
     """Sorted ``rows`` as maximal runs of consecutive rows."""
     out, start = [], rows[0]
-    for previous, row in zip(rows, rows[1:], strict=False):
+    for previous, row in itertools.pairwise(rows):
         if row != previous + 1:
             out.append(slice(start, previous + 1))
             start = row

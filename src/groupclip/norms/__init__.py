@@ -13,8 +13,8 @@ register_transformers_layers = linear.register_transformers_layers
 
 __all__ = [
     "Contribution",
-    "Factored",
     "FactorSum",
+    "Factored",
     "Indexed",
     "Instantiated",
     "LayerRule",
