@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from ..dataflow.tags import Kind, batched, free, read_tag, write_tag
+from ..dataflow.tags import Kind, Tag, batched, free, read_tag, write_tag
 from ..errors import BatchDimensionError, PassError, UnsupportedModuleError
 from ..norms.generic import RandomState
 from .taps import GuardTap, UseTap, UseTap1
@@ -43,7 +43,7 @@ class Deferred(NamedTuple):
 class Frame:
     """One active call of a hooked module (between its pre-hook and its hook)."""
 
-    __slots__ = ("canonical", "deferred", "deferring", "disabled", "fired", "names", "random_state", "trace")
+    __slots__ = ("canonical", "deferred", "deferring", "disabled", "fired", "names", "out_tag", "random_state", "trace")
 
     def __init__(self, trace: Trace | None) -> None:
         self.trace = trace
@@ -55,6 +55,7 @@ class Frame:
         self.names: dict[int, str] | None = None
         self.fired: set[int] = set()
         self.random_state: RandomState | None = None
+        self.out_tag: Tag | None = None  # set while the call runs untracked inside: its output's tag
 
 
 def _saved_tensor_hooks_owner() -> str:
@@ -83,6 +84,7 @@ class Capture:
         self.engine = engine
         self.handles: list[Any] = []
         self.frames: dict[int, list[Frame]] = {}
+        self.popped: list[bool] = []  # per call running untracked inside: the tracker was popped off the mode stack
         self.active_generic: list[Frame] = []
         self.disabled_count: dict[int, int] = {}
         self.trace: Trace | None = None  # the trace being recorded
@@ -227,6 +229,8 @@ class Capture:
                             frame.canonical[id(p)] = canonical
                 current = [p for p in current if p is not None]
             frame.disabled = self._disable(current)
+            if entry.untracked_inside and frame.disabled:
+                self._untracked_inside(frame, entry, args, kwargs)
             if entry.rule is None:
                 frame.random_state = RandomState.capture(_direct_tensors(args, kwargs))
                 self.active_generic.append(frame)
@@ -264,8 +268,41 @@ class Capture:
                 return self._record_generic(frame, entry, args, kwargs, output)
             finally:
                 self._enable(frame.disabled)
+                if frame.out_tag is not None:
+                    self._track_again()
 
         return post
+
+    def _untracked_inside(self, frame: Frame, entry, args: tuple, kwargs: dict) -> None:
+        """A rule layer whose samples lie outside the dims it acts on: its output has the input's layout (the rule's
+        contract), so the ops inside need not be tracked."""
+        x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
+        if not isinstance(x, Tensor):
+            return
+        tag = read_tag(x, frame.trace.number)
+        if tag is None or tag.kind != Kind.BATCHED:
+            return
+        rule = entry.rule
+        if tag.dim is not None:
+            limit = 1 if rule.rows == "first" else x.dim() - rule.trailing(entry.module)
+            if tag.dim >= limit:
+                return
+        frame.out_tag = tag
+        # Off the mode stack (ops inside pay nothing), or merely paused if another mode is above it.
+        tracker = self.engine.tracker
+        depth = torch._C._len_torch_function_stack()
+        if depth and torch._C._get_function_stack_at(depth - 1) is tracker:
+            torch._C._pop_torch_function_stack()
+            self.popped.append(True)
+        else:
+            tracker.paused += 1
+            self.popped.append(False)
+
+    def _track_again(self) -> None:
+        if self.popped.pop():
+            torch._C._push_on_torch_function_stack(self.engine.tracker)
+        else:
+            self.engine.tracker.paused -= 1
 
     def _params_of(self, frame: Frame, entry, generic: bool) -> dict[str, nn.Parameter]:
         if frame.names is None and len(frame.disabled) == len(entry.canonical):
@@ -283,11 +320,12 @@ class Capture:
             if not any(n.rpartition(".")[0] == c or n.rpartition(".")[0].startswith(c + ".") for c in covered)
         }
 
-    def _classify(self, entry, args: tuple, kwargs: dict, output: Any, trace: Trace) -> Deferred:
+    def _classify(self, entry, args: tuple, kwargs: dict, output: Any, trace: Trace, out_tag=None) -> Deferred:
         """How a call's samples are laid out, read off the tags: ``(kind, layouts, output tags)``."""
         if entry.rule is not None:
             x, output = _rule_tensors(entry, args, kwargs, output)
-            xtag, otag = read_tag(x, trace.number), read_tag(output, trace.number)
+            xtag = read_tag(x, trace.number)
+            otag = out_tag if out_tag is not None else read_tag(output, trace.number)
             kind, layout, sources = self._use_kind(entry, xtag, otag, "input")
             if kind == BATCHED and (otag is None or (otag.dim, otag.inner) != layout):
                 raise BatchDimensionError(
@@ -316,7 +354,7 @@ class Capture:
     def _recorded(self, frame: Frame, entry, args, kwargs, output) -> Deferred:
         """The call's layouts: read off the tags now, or recorded when a reentrant checkpoint first ran it."""
         if frame.deferred is None:
-            return self._classify(entry, args, kwargs, output, frame.trace)
+            return self._classify(entry, args, kwargs, output, frame.trace, frame.out_tag)
         if frame.deferred.kind != BATCHED:
             raise BatchDimensionError(
                 f"{entry.describe()} is a batch-free use inside a region of a reentrant activation checkpoint, whose "

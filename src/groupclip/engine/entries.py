@@ -33,6 +33,11 @@ class ModuleEntry:
         self.canonical = [p for _, _, _, p in self.slots]
         self.params = {local: p for _, _, local, p in self.slots}
         self.local_names = {id(p): local for _, _, local, p in self.slots}
+        # A rule layer without submodules may run untracked inside (see Capture._untracked_inside); with them, the
+        # hooks of its submodules would need the tags of what it computes.
+        self.untracked_inside = (
+            self.rule is not None and self.rule.trailing is not None and next(self.module.children(), None) is None
+        )
 
     def describe(self) -> str:
         return f"{self.path or '<root>'} ({type(self.module).__name__})"

@@ -65,4 +65,4 @@ def conv_contributions(
 
 
 for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-    register_layer(_conv, rows="first")(conv_contributions)
+    register_layer(_conv, rows="first", trailing=lambda m: 0)(conv_contributions)

@@ -29,7 +29,7 @@ def _check_embedding(module: nn.Module, path: str) -> None:
         )
 
 
-@register_layer(nn.Embedding, check=_check_embedding)
+@register_layer(nn.Embedding, check=_check_embedding, trailing=lambda m: 0)
 def embedding(module: nn.Embedding, activation: Tensor, grad_output: Tensor, wanted: Collection[str]):
     if "weight" not in wanted:
         return {}

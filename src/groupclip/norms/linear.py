@@ -39,7 +39,7 @@ def linear_contributions(
     return out
 
 
-@register_layer(nn.Linear, right_is_input=True)
+@register_layer(nn.Linear, right_is_input=True, trailing=lambda m: 1)
 def linear(module: nn.Linear, activation: Tensor, grad_output: Tensor, wanted: Collection[str]):
     return linear_contributions(module.weight.shape, activation, grad_output, wanted, transposed=False)
 
@@ -56,6 +56,6 @@ def register_transformers_layers() -> None:
     if Conv1D is None or Conv1D in registered_types():
         return
 
-    @register_layer(Conv1D)
+    @register_layer(Conv1D, trailing=lambda m: 1)
     def hf_conv1d(module: nn.Module, activation: Tensor, grad_output: Tensor, wanted: Collection[str]):
         return linear_contributions(module.weight.shape, activation, grad_output, wanted, transposed=True)

@@ -35,21 +35,21 @@ def _affine(xhat: Tensor, g: Tensor, param_dims: int, channel_dim: int | None, w
     return out
 
 
-@register_layer(nn.LayerNorm)
+@register_layer(nn.LayerNorm, trailing=lambda m: len(m.normalized_shape))
 def layer_norm(module: nn.LayerNorm, activation: Tensor, grad_output: Tensor, wanted: Collection[str]):
     with torch.no_grad():
         xhat = F.layer_norm(activation, module.normalized_shape, None, None, module.eps)
     return _affine(xhat, grad_output, len(module.normalized_shape), None, wanted)
 
 
-@register_layer(nn.RMSNorm)
+@register_layer(nn.RMSNorm, trailing=lambda m: len(m.normalized_shape))
 def rms_norm(module: nn.RMSNorm, activation: Tensor, grad_output: Tensor, wanted: Collection[str]):
     with torch.no_grad():
         xhat = F.rms_norm(activation, module.normalized_shape, None, module.eps)
     return _affine(xhat, grad_output, len(module.normalized_shape), None, wanted)
 
 
-@register_layer(nn.GroupNorm, rows="first")
+@register_layer(nn.GroupNorm, rows="first", trailing=lambda m: 0)
 def group_norm(module: nn.GroupNorm, activation: Tensor, grad_output: Tensor, wanted: Collection[str]):
     with torch.no_grad():
         xhat = F.group_norm(activation, module.num_groups, None, None, module.eps)
@@ -73,4 +73,4 @@ def instance_norm(module: nn.modules.instancenorm._InstanceNorm, activation: Ten
 
 
 for _norm in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
-    register_layer(_norm, rows="first")(instance_norm)
+    register_layer(_norm, rows="first", trailing=lambda m: 0)(instance_norm)
