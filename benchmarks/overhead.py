@@ -154,7 +154,7 @@ def measure(variant: str, rounds: int, steps: int) -> dict:
             results[style]["times_ms"].append(1e3 * time_steps(runner, steps))
     runner.detach()
     base = results["non-private"]
-    for style, row in results.items():
+    for row in results.values():
         row["median_ms"] = statistics.median(row["times_ms"])
         row["time_ratio"] = row["median_ms"] / statistics.median(base["times_ms"])
         row["ops_ratio"] = row["ops"] / base["ops"]
