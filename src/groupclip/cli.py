@@ -26,7 +26,23 @@ TRAIN_SHORTCUTS: dict[str, tuple[str, type, str]] = {
     "--lr": ("optimizer.lr", float, "learning rate"),
     "--momentum": ("optimizer.momentum", float, "SGD momentum"),
     "--optimizer": ("optimizer.name", str, "sgd | adam | adamw"),
-    "--seed": ("run.seed", int, "seed of the model, sampler and noise"),
+    "--seed": ("run.seed", int, "seed of the model, data order and Poisson sampler (not of the DP noise)"),
+    "--noise-seed": (
+        "privacy.noise_seed",
+        int,
+        "seed the DP noise: reproducible, and removable by anyone who knows the seed -- for tests, not releases "
+        "(default: secret noise from OS entropy)",
+    ),
+    "--checkpoint-every": (
+        "run.checkpoint_every",
+        int,
+        "steps between checkpoints in the run folder (0: once per epoch, the default; -1: none)",
+    ),
+    "--collective-timeout": (
+        "run.collective_timeout",
+        float,
+        "seconds a rank of a torchrun launch waits for the others before stopping with an error (default 600)",
+    ),
     "--threads": ("run.threads", int, "torch threads (0: default)"),
     "--device": ("run.device", str, "cpu, cuda, cuda:N or auto (CUDA when available)"),
     "--max-steps": ("schedule.max_steps", int, "stop after this many steps (privacy still planned for all)"),
@@ -40,7 +56,7 @@ def _train_parser(sub) -> None:
         help="run a training recipe (default: the embedded CNN on the MNIST 5k subset)",
         description="Train a recipe (a TOML file or a bundled name) with DP; flags and --set override any field.",
     )
-    parser.add_argument("--recipe", default="default", help="bundled recipe name or path to a .toml (default: default)")
+    parser.add_argument("--recipe", default=None, help="bundled recipe name or path to a .toml (default: default)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a field")
     for flag, (key, kind, text) in TRAIN_SHORTCUTS.items():
         parser.add_argument(flag, type=kind, default=None, help=f"{text} (sets {key})")
@@ -51,6 +67,18 @@ def _train_parser(sub) -> None:
     parser.add_argument("--json", metavar="PATH", help="also write the final metrics as JSON here")
     parser.add_argument("--list", action="store_true", help="list the bundled recipes and exit")
     parser.add_argument("--show", action="store_true", help="print the resolved recipe (TOML) and exit")
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the killed run in RUN_DIR from its latest checkpoint, with the run's saved config "
+        "(other flags must agree with it; --checkpoint-every, --keep-checkpoint, --collective-timeout may change)",
+    )
+    parser.add_argument(
+        "--keep-checkpoint",
+        action="store_true",
+        default=None,
+        help="keep the last checkpoint when the run ends (keep it private: it holds the noise generator state)",
+    )
 
 
 def _train_overrides(args) -> list[str] | dict:
@@ -65,6 +93,8 @@ def _train_overrides(args) -> list[str] | dict:
         overrides["clipping.adaptive"] = True
     if args.non_private:
         overrides["privacy.private"] = False
+    if args.keep_checkpoint:
+        overrides["run.keep_checkpoint"] = True
     overrides.update(parse_override(text) for text in args.set)
     if "clipping.grouping" in overrides and isinstance(overrides["clipping.grouping"], str):
         grouping = overrides["clipping.grouping"]
@@ -82,13 +112,16 @@ def _train(args) -> int:
             description = load_recipe(name).description.split(". ")[0]
             print(f"{name:24s} {description}")
         return 0
-    recipe = apply_overrides(load_recipe(args.recipe), _train_overrides(args))
+    if args.resume:
+        recipe, run_dir = _resumed_recipe(args)
+    else:
+        recipe = apply_overrides(load_recipe(args.recipe or "default"), _train_overrides(args))
+        out = args.out or os.path.join("runs", recipe.name, time.strftime("%Y%m%d-%H%M%S") + f"-seed{recipe.run.seed}")
+        run_dir = None if out == "none" else out
     if args.show:
         print(recipe_to_toml(recipe), end="")
         return 0
-    out = args.out or os.path.join("runs", recipe.name, time.strftime("%Y%m%d-%H%M%S") + f"-seed{recipe.run.seed}")
-    run_dir = None if out == "none" else out
-    result = train(recipe, run_dir, progress=not args.no_progress)
+    result = train(recipe, run_dir, progress=not args.no_progress, resume=bool(args.resume))
     if result.get("rank", 0) != 0:  # a torchrun launch: rank 0 reports
         return 0
     _print_result(result, run_dir)
@@ -96,6 +129,33 @@ def _train(args) -> int:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(result, handle, indent=2)
     return 0
+
+
+def _resumed_recipe(args):
+    """``(the run's saved recipe with the flags applied, RUN_DIR)`` for ``--resume RUN_DIR``; a RecipeError when a
+    flag contradicts the saved config (only the fields in RESUMABLE_CHANGES may change)."""
+    from .training import apply_overrides, load_recipe
+    from .training.checkpoint import CheckpointError, checkpoint_path
+    from .training.recipe import RESUMABLE_CHANGES, recipe_differences, recipe_to_dict
+
+    run_dir = args.resume
+    if args.recipe is not None:
+        raise RecipeError(f"--resume {run_dir} uses the run's saved config ({run_dir}/config.toml); drop --recipe.")
+    if args.out is not None and os.path.abspath(args.out) != os.path.abspath(run_dir):
+        raise RecipeError(f"--resume {run_dir} continues in that folder; drop --out {args.out}.")
+    config = os.path.join(run_dir, "config.toml")
+    if not os.path.isfile(config) or not os.path.isfile(checkpoint_path(run_dir)):
+        if os.path.isfile(os.path.join(run_dir, "final.json")):
+            raise CheckpointError(f"{run_dir} has finished (final.json): nothing to resume.")
+        raise CheckpointError(f"{run_dir} has no checkpoint (checkpoint.pt and config.toml): nothing to resume.")
+    saved = load_recipe(config)
+    recipe = apply_overrides(saved, _train_overrides(args))
+    for key, before, after in recipe_differences(recipe_to_dict(saved), recipe_to_dict(recipe)):
+        if key not in RESUMABLE_CHANGES:
+            raise RecipeError(
+                f"--resume {run_dir}: {key} = {after!r} conflicts with the run's saved config ({key} = {before!r})."
+            )
+    return recipe, run_dir
 
 
 def _print_result(result: dict, run_dir: str | None) -> None:
@@ -110,8 +170,19 @@ def _print_result(result: dict, run_dir: str | None) -> None:
             f"{result['sample_rate']:.4g}, {result['steps']} steps, noise multiplier {result['noise_multiplier']:.4g})"
         )
         print(f"{'clipping':14s}: {result['grouping']} ({result['groups']} groups), {result['clip_fn']}")
+        if result.get("noise_seed") is not None:
+            print(
+                f"{'noise':14s}: {result['noise']}, noise_seed={result['noise_seed']}: anyone who knows the seed can "
+                "remove the noise; not for a release"
+            )
+        elif result.get("noise"):
+            print(f"{'noise':14s}: {result['noise']}")
+        if result.get("extra_ledger_steps"):
+            print(f"{'ledger':14s}: +{result['extra_ledger_steps']} steps charged for replays with fresh noise")
     else:
         print(f"{'epsilon':14s}: inf (non-private)")
+    if result.get("resumed_from"):
+        print(f"{'resumed':14s}: from step(s) {', '.join(map(str, result['resumed_from']))}")
     print(f"{'wall time':14s}: {result['wall_time_s']:.1f} s")
     print(f"{'peak memory':14s}: {result['peak_rss_mb']:.0f} MB (peak RSS)")
     if run_dir:
@@ -228,8 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "audit":
         return audit_cli.run(args)
     if args.command in ("train", "sweep"):
+        from .distributed.data_parallel import PeerFailureError
+
         try:
             return _train(args) if args.command == "train" else _sweep(args)
+        except PeerFailureError as exc:  # a dead or hung rank of a distributed launch: a runtime failure
+            print(f"groupclip {args.command}: error: {exc}", file=sys.stderr)
+            return 1
         except (GroupClipError, DatasetMissingError) as exc:  # recipes, privacy settings, missing data
             print(f"groupclip {args.command}: error: {exc}", file=sys.stderr)
             return 2

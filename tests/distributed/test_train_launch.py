@@ -11,7 +11,19 @@ from pathlib import Path
 import pytest
 from spawn import free_port
 
-TINY = ["--recipe", "default", "--limit", "512", "--max-steps", "3", "--no-progress", "--device", "cpu"]
+TINY = [
+    "--recipe",
+    "default",
+    "--limit",
+    "512",
+    "--max-steps",
+    "3",
+    "--no-progress",
+    "--device",
+    "cpu",
+    "--noise-seed",
+    "0",
+]
 
 
 def _records(run_dir: Path) -> list[dict]:

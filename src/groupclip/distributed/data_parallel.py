@@ -17,6 +17,12 @@ What :func:`groupclip.make_private` does with ``distributed=True`` (MATH.md §6)
 * the accountant's ledger is a function of (sigma, q, steps) alone, which the set-up check made equal on every
   rank, so every rank reports the same epsilon with no communication (call ``epsilon()`` on any ranks you like).
 
+A rank that dies or hangs: every collective waits at most the process group's ``timeout`` (pass
+``timeout=datetime.timedelta(seconds=...)`` to ``init_process_group``; ``groupclip train`` passes
+``run.collective_timeout``). A dead peer usually fails the next collective at once (its sockets close), a hung one
+when the timeout expires; :func:`peer_failure` turns either backend error into a one-line
+:class:`PeerFailureError` that says what happened and what to do.
+
 Why not ``torch.nn.parallel.DistributedDataParallel``: DDP's reducer all-reduces gradients from autograd's
 per-parameter hooks, and Book-Keeping computes no autograd parameter gradient (the clipped sums come from the layer
 inputs and output gradients), so DDP would never reduce them; groupclip does the same broadcast and gradient
@@ -33,7 +39,51 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..errors import DistributedSetupError
+from ..errors import DistributedSetupError, GroupClipError
+
+# Messages of backend errors that mean "another rank is gone or did not answer" (gloo, NCCL, the TCP store).
+_PEER_FAILURE_MARKERS = (
+    "timed out",
+    "timeout",
+    "connection reset",
+    "connection closed",
+    "connection refused",
+    "broken pipe",
+    "gloo/transport",
+    "socket",
+    "nccl communicator was aborted",
+    "watchdog",
+)
+
+
+class PeerFailureError(GroupClipError, RuntimeError):
+    """A collective failed because another rank died or did not answer within the process group's timeout."""
+
+
+def peer_failure(err: BaseException, rank: int, timeout: float | None) -> PeerFailureError | None:
+    """A one-line :class:`PeerFailureError` for ``err`` if it is a collective that failed for want of a peer
+    (a dead rank's closed connection, or the timeout expiring), else None (``err`` is something else)."""
+    if isinstance(err, GroupClipError):
+        return None
+    backend_errors = tuple(
+        getattr(dist, name)
+        for name in ("DistBackendError", "DistNetworkError", "DistStoreError")
+        if hasattr(dist, name)
+    )
+    text = str(err).lower()
+    if not (
+        isinstance(err, backend_errors)
+        or (isinstance(err, RuntimeError) and any(m in text for m in _PEER_FAILURE_MARKERS))
+    ):
+        return None
+    waited = f"within the {timeout:g} s collective timeout" if timeout else "within the process group's timeout"
+    detail = " ".join(str(err).split())
+    if len(detail) > 160:
+        detail = detail[:157] + "..."
+    return PeerFailureError(
+        f"rank {rank} stopped: another rank died or did not answer {waited} ({type(err).__name__}: {detail}). "
+        "Check the other ranks' logs; resume from the last checkpoint with --resume RUN_DIR."
+    )
 
 
 def require_process_group(group: dist.ProcessGroup | None) -> tuple[int, int]:

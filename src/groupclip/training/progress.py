@@ -19,10 +19,15 @@ def format_seconds(seconds: float) -> str:
 
 
 class ProgressBar:
-    """``update(step, **fields)`` after each step; ``close()`` at the end (prints the final line)."""
+    """``update(step, **fields)`` after each step; ``close()`` at the end (prints the final line).
 
-    def __init__(self, total: int, label: str = "", stream: TextIO | None = None, lines: int = 20) -> None:
+    ``initial``: the step a resumed run starts from (the ETA counts only the steps taken by this process)."""
+
+    def __init__(
+        self, total: int, label: str = "", stream: TextIO | None = None, lines: int = 20, initial: int = 0
+    ) -> None:
         self.total = max(1, total)
+        self.initial = initial  # steps done before this process started (a resumed run)
         self.label = label
         self.stream = stream or sys.stderr
         self.interactive = self.stream.isatty()
@@ -30,7 +35,7 @@ class ProgressBar:
         self.start = time.perf_counter()
         self.fields: dict[str, str] = {}
         self._last_draw = 0.0
-        self._step = 0
+        self._step = initial
 
     def update(self, step: int, **fields: float | str | None) -> None:
         self._step = step
@@ -50,7 +55,8 @@ class ProgressBar:
         elapsed = (now or time.perf_counter()) - self.start
         done = min(step / self.total, 1.0)
         bar = "#" * int(done * 20) + "." * (20 - int(done * 20))
-        eta = elapsed / step * (self.total - step) if step else 0.0
+        done_here = step - self.initial
+        eta = elapsed / done_here * (self.total - step) if done_here > 0 else 0.0
         extras = " ".join(f"{k} {v}" for k, v in self.fields.items())
         timing = f"{format_seconds(elapsed)} elapsed, ETA {format_seconds(eta)}"
         return f"{self.label} [{bar}] {step}/{self.total} {extras} ({timing})".strip()

@@ -29,13 +29,19 @@ class RecipeError(GroupClipError, ValueError):
 @dataclass
 class PrivacyConfig:
     """``epsilon`` > 0 calibrates the noise multiplier (unless ``noise_multiplier`` is given); ``private = false``
-    trains the same model without DP (shuffled fixed-size batches, no clipping, no noise)."""
+    trains the same model without DP (shuffled fixed-size batches, no clipping, no noise).
+
+    ``noise_seed`` (unset by default): the noise is secret, its generator seeded from OS entropy -- NOT from
+    ``run.seed``, which is written into the run folder. An int makes the noise reproducible: anyone who knows it
+    can regenerate and subtract the noise, so a seeded run is for tests and debugging, not for a release
+    (``final.json`` records ``"noise": "reproducible (seeded)"``)."""
 
     private: bool = True
     epsilon: float = 3.0
     delta: float = 1e-5
     noise_multiplier: float | None = None
     accountant: str = "rdp"
+    noise_seed: int | None = None
 
 
 @dataclass
@@ -83,9 +89,19 @@ class ScheduleConfig:
 
 @dataclass
 class RunConfig:
+    """``seed`` seeds the model, the data order and the Poisson sampler (not the DP noise: ``privacy.noise_seed``).
+
+    ``checkpoint_every``: steps between checkpoints in the run folder (0: once per epoch; -1: none);
+    ``keep_checkpoint``: keep the last checkpoint when the run ends (it must then be kept private: it holds the
+    noise generator's state); ``collective_timeout``: seconds a rank of a distributed launch waits on the others
+    before it stops with an error (a dead or hung rank); it must exceed rank 0's longest evaluation."""
+
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     device: str = "auto"  # "cpu", "cuda", "cuda:N" or "auto" (CUDA when available); the run folder records the one used
+    checkpoint_every: int = 0
+    keep_checkpoint: bool = False
+    collective_timeout: float = 600.0
 
 
 @dataclass
@@ -172,6 +188,7 @@ def _checked(key: str, spec: dataclasses.Field, value: Any, source: str) -> Any:
         "float": isinstance(value, int | float) and not isinstance(value, bool),
         "str": isinstance(value, str),
         "float | None": value is None or (isinstance(value, int | float) and not isinstance(value, bool)),
+        "int | None": value is None or (isinstance(value, int) and not isinstance(value, bool)),
         "str | int": isinstance(value, str | int) and not isinstance(value, bool),
         "list[float]": isinstance(value, list) and all(isinstance(v, int | float) for v in value),
     }.get(kind, True)
@@ -225,6 +242,22 @@ def parse_override(override: str) -> tuple[str, Any]:
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(recipe)))
+
+
+# Fields a resumed run may change: they do not affect what it computes.
+RESUMABLE_CHANGES = frozenset({"run.checkpoint_every", "run.keep_checkpoint", "run.collective_timeout"})
+
+
+def recipe_differences(saved: dict[str, Any], given: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``[(section.field, saved value, given value)]`` where two recipes (as :func:`recipe_to_dict`) differ."""
+    out = []
+    for key in sorted(set(saved) | set(given)):
+        a, b = saved.get(key), given.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [(f"{key}.{k}", a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            out.append((key, a, b))
+    return out
 
 
 def recipe_to_toml(recipe: Recipe) -> str:

@@ -18,7 +18,8 @@ A sweep is a small TOML file (or the same given with ``--recipe/--axis/--set`` f
 
 Each grid point runs ``groupclip train`` in its own process (``--jobs`` at a time) into
 ``<out>/<axis>=<value>,.../``; a point whose ``final.json`` exists is skipped, so an interrupted sweep resumes
-where it stopped. ``results.md`` / ``results.json`` in ``<out>`` aggregate every finished point.
+where it stopped, and a point killed mid-run continues from its last checkpoint (``groupclip train --resume``).
+``results.md`` / ``results.json`` in ``<out>`` aggregate every finished point.
 """
 
 from __future__ import annotations
@@ -160,10 +161,12 @@ def run_point(spec: SweepSpec, point: dict[str, str]) -> tuple[dict[str, str], i
     if os.path.exists(os.path.join(folder, "final.json")):
         return point, 0
     os.makedirs(folder, exist_ok=True)
-    command = [sys.executable, "-m", "groupclip.cli", "train", "--recipe", spec.recipe, "--out", folder]
-    for key, value in overrides_of(spec, point).items():
+    resume = os.path.exists(os.path.join(folder, "checkpoint.pt"))  # a killed point continues from its checkpoint
+    command = [sys.executable, "-m", "groupclip.cli", "train"]
+    command += ["--resume", folder] if resume else ["--recipe", spec.recipe, "--out", folder]
+    for key, value in overrides_of(spec, point).items():  # with --resume: checked against the saved config
         command += ["--set", f"{key}={_toml_literal(value)}"]
-    with open(os.path.join(folder, "log.txt"), "w", encoding="utf-8") as log:
+    with open(os.path.join(folder, "log.txt"), "a" if resume else "w", encoding="utf-8") as log:
         log.write(" ".join(command) + "\n")
         log.flush()
         code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
