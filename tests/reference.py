@@ -1,4 +1,4 @@
-"""The float64 reference: per-sample gradients from torch.func, clipped by the definition (MATH.md §1)."""
+"""The float64 reference: per-sample gradients from torch.func, clipped by definition (docs/MATH.md, Clip functions)."""
 
 from __future__ import annotations
 

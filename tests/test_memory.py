@@ -1,4 +1,5 @@
-"""Why groups save memory (MATH.md §4): a group is clipped -- and what it kept released -- as soon as it is complete.
+"""Why groups save memory (docs/MATH.md, Memory held for clipping): a group is clipped -- and what it kept released
+-- as soon as it is complete.
 
 ``ClipReport.peak_held_bytes`` is the peak of :class:`groupclip.bookkeeping.MemoryLedger` ``held_bytes``: the bytes the
 engine keeps *beyond* what non-private autograd would (activations and output gradients of uses whose backward has

@@ -4,6 +4,7 @@ The one ordinary backward pass leaves ``sum_i C_ik g_ik`` in ``param.grad`` for 
 (all-layer, layer-wise, param-wise, M blocks, explicit, per-device) -- see :class:`ClippingEngine`.
 """
 
+from . import distributed as _distributed  # noqa: F401  (registers the distributed topologies)
 from .accounting import PrivacyAccountant, UnreachableEpsilonError, calibrate_noise_multiplier, compute_epsilon
 from .adaptive import AdaptiveClipping
 from .clipping import ClipFunction, abadi, automatic, get_clip_function, register_clip_function, sensitivity
@@ -20,10 +21,12 @@ from .errors import (
 )
 from .fixers import replace_batchnorm
 from .grouping import ResolvedGrouping, resolve_grouping
-from .noise import GaussianNoise
+from .noise import GaussianNoise, ReproducibleNoiseWarning
 from .norms import register_layer
+from .privacy_plan import PrivacyPlan, plan_privacy
 from .private import LossReductionError, PrivacySetupError, PrivateTraining, check_loss_reduction, make_private
 from .sampling import FixedSizeBatchesWarning, PoissonBatchSampler, physical_batches, poisson_loader, shuffled_loader
+from .topology import Topology
 
 __version__ = "0.1.0"
 
@@ -42,9 +45,12 @@ __all__ = [
     "PassError",
     "PoissonBatchSampler",
     "PrivacyAccountant",
+    "PrivacyPlan",
     "PrivacySetupError",
     "PrivateTraining",
+    "ReproducibleNoiseWarning",
     "ResolvedGrouping",
+    "Topology",
     "UnattributedGradientError",
     "UnreachableEpsilonError",
     "UnsupportedModuleError",
@@ -57,6 +63,7 @@ __all__ = [
     "get_clip_function",
     "make_private",
     "physical_batches",
+    "plan_privacy",
     "poisson_loader",
     "register_clip_function",
     "register_layer",

@@ -1,10 +1,10 @@
-"""Privacy accounting with Google's ``dp-accounting`` (MATH.md §7).
+"""Privacy accounting with Google's ``dp-accounting`` (``docs/MATH.md``, section "Accounting").
 
 One DP-SGD step is ``PoissonSampledDpEvent(q, GaussianDpEvent(sigma))``; a run is the composition of its steps.
 :class:`PrivacyAccountant` keeps the ledger of those events (runs of equal steps compressed), answers epsilon for a
 delta with dp-accounting's RDP or PLD accountant, and saves / restores the ledger with checkpoints.
-:func:`calibrate_noise_multiplier` finds the noise multiplier reaching a target epsilon with
-``dp_accounting.calibrate_dp_mechanism``.
+:func:`calibrate_noise_multiplier` finds the noise multiplier reaching a target epsilon by a bracketed search over
+epsilons computed by dp-accounting.
 
 ``dp-accounting`` is an optional dependency: ``pip install dp-accounting`` (or ``groupclip[accounting]``).
 """
@@ -126,8 +126,8 @@ def calibrate_noise_multiplier(
         raise ValueError(f"Expected tolerance={tolerance} in (0, 1).")
     _check_delta(delta)
     _check_event(1.0, sample_rate, steps)
-    if steps == 0:
-        return 0.0
+    if steps < 1:
+        raise ValueError(f"Expected steps={steps} >= 1 to calibrate a noise multiplier (no step spends nothing).")
 
     def eps(sigma: float) -> float:
         return compute_epsilon(sigma, sample_rate, steps, delta, accountant)
@@ -159,16 +159,21 @@ def calibrate_noise_multiplier(
         return low  # even the smallest noise multiplier searched meets the target
     # Invariant: eps(low) > target >= eps(high). Illinois false position on (log sigma, log eps).
     target = math.log(target_epsilon)
-    f_low, f_high = math.log(eps_low) - target, math.log(eps_high) - target
+    f_low, f_high = _log(eps_low) - target, _log(eps_high) - target
     side = 0
     for _ in range(60):
         x_low, x_high = math.log(low), math.log(high)
-        x = x_high - f_high * (x_high - x_low) / (f_high - f_low) if f_high != f_low else (x_low + x_high) / 2
+        if x_high - x_low < 1e-7:  # epsilon jumps at this sigma (it reaches 0 when delta is large): high is it
+            break
+        if f_high != f_low and max(abs(f_low), abs(f_high)) < 50:
+            x = x_high - f_high * (x_high - x_low) / (f_high - f_low)
+        else:  # an end at epsilon 0 (large delta, few steps) or overflowing: bisect
+            x = (x_low + x_high) / 2
         sigma = math.exp(min(max(x, x_low), x_high))
         e = eps(sigma)
         if target_epsilon * (1 - tolerance) <= e <= target_epsilon:
             return sigma
-        f = math.log(e) - target
+        f = _log(e) - target
         if f > 0:
             low, f_low = sigma, f
             if side == -1:
@@ -180,6 +185,11 @@ def calibrate_noise_multiplier(
                 f_low /= 2
             side = 1
     return high  # eps(high) <= target always holds
+
+
+def _log(epsilon: float) -> float:
+    """``log epsilon`` for the search, finite at the extremes (a large sigma over few steps gives epsilon 0)."""
+    return math.log(min(max(epsilon, 1e-300), 1e300))
 
 
 @dataclass
@@ -208,6 +218,7 @@ class PrivacyAccountant:
         _check_kind(kind)
         self.kind = kind
         self.ledger: list[LedgerEntry] = []
+        self._cached: tuple | None = None  # (ledger and delta, epsilon) of the last epsilon()
 
     @property
     def steps(self) -> int:
@@ -236,9 +247,14 @@ class PrivacyAccountant:
             return 0.0
         if any(e.noise_multiplier == 0 and e.steps > 0 for e in self.ledger):
             return math.inf
+        key = (tuple((e.noise_multiplier, e.sample_rate, e.steps) for e in self.ledger), delta)
+        if self._cached is not None and self._cached[0] == key:  # logging asks every step; RDP takes ~0.3 s
+            return self._cached[1]
         acc = make_accountant(self.kind)
         acc.compose(self.event())
-        return float(acc.get_epsilon(delta))
+        value = float(acc.get_epsilon(delta))
+        self._cached = (key, value)
+        return value
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "ledger": [vars(e).copy() for e in self.ledger]}

@@ -1,31 +1,132 @@
-"""The ``groupclip`` command."""
+"""The ``groupclip`` command: DP training recipes, privacy accounting, memory planning, benchmarks and audits.
+
+A mistake in what the user typed (a bad flag value, a malformed recipe or override, settings that contradict each
+other) ends the command with ONE line on stderr, ``groupclip <command>: error: <message>``, and exit status 2;
+argparse ``type=`` checks catch bad flag values before anything is loaded, and :func:`main` turns the library's
+user errors (:class:`~groupclip.errors.GroupClipError`) into that line.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+from collections.abc import Callable
 
-from .datasets import DatasetMissingError
 from .errors import GroupClipError
-from .training.recipe import RecipeError, parse_override
+from .training.datasets import DatasetMissingError
+from .training.recipe import PRIVACY_BUDGET_FIELDS, RecipeError, parse_override
 
-# Shortcut flags of `groupclip train`: flag -> (recipe field, type, help).
-TRAIN_SHORTCUTS: dict[str, tuple[str, type, str]] = {
-    "--grouping": ("clipping.grouping", str, "all-layer | layer-wise | param-wise | M (blocks)"),
-    "--clip-fn": ("clipping.clip_fn", str, "abadi | automatic"),
-    "--max-grad-norm": ("clipping.max_grad_norm", float, "total clipping threshold R"),
-    "--norm-mode": ("clipping.norm_mode", str, "auto | ghost | instantiate"),
-    "--epsilon": ("privacy.epsilon", float, "target epsilon (calibrates the noise multiplier)"),
-    "--noise-multiplier": ("privacy.noise_multiplier", float, "fixed noise multiplier (instead of --epsilon)"),
-    "--delta": ("privacy.delta", float, "target delta"),
-    "--epochs": ("schedule.epochs", float, "passes over the data"),
-    "--batch-size": ("schedule.batch_size", int, "expected (Poisson) batch size"),
-    "--physical-batch-size": ("schedule.physical_batch_size", int, "largest batch per backward pass"),
-    "--lr": ("optimizer.lr", float, "learning rate"),
-    "--momentum": ("optimizer.momentum", float, "SGD momentum"),
-    "--optimizer": ("optimizer.name", str, "sgd | adam | adamw"),
+DESCRIPTION = (
+    "Differentially private training with group-wise per-sample gradient clipping: train a recipe with DP "
+    "(train, sweep), compute or calibrate a privacy budget (epsilon, calibrate), plan and benchmark the memory of "
+    "clipping (plan, bench), and audit a DP guarantee empirically (audit). Run `groupclip COMMAND --help` for a "
+    "command's options."
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr (``PROG: error: MESSAGE``), exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
+def _number(
+    kind: type,
+    low: float,
+    *,
+    inclusive: bool = False,
+    high: float | None = None,
+    closed: bool = False,
+    what: str = "",
+):
+    """An argparse ``type=``: ``kind`` (int or float), finite, above ``low`` (``>=`` if ``inclusive``) and below
+    ``high`` (``<=`` if ``closed``); a failure is argparse's one-line error naming the flag, the value given and
+    (``what``) what the value is."""
+    if high is None:
+        expected = f"{'>=' if inclusive else '>'} {low:g}"
+    else:
+        expected = f"in {'[' if inclusive else '('}{low:g}, {high:g}{']' if closed else ')'}"
+    noun = "a whole number" if kind is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}; expected {noun} {expected}.") from None
+        ok = math.isfinite(value) and (value >= low if inclusive else value > low)
+        if high is not None:
+            ok = ok and (value <= high if closed else value < high)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"got {text}{f' for {what}' if what else ''}; expected {noun} {expected}.")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    """An argparse ``type=`` accepting one of ``allowed`` (the error names them)."""
+
+    def parse(text: str) -> str:
+        if text not in allowed:
+            raise argparse.ArgumentTypeError(f"invalid choice {text!r}; expected one of: {', '.join(allowed)}.")
+        return text
+
+    return parse
+
+
+def _grouping(text: str) -> str | int:
+    """``--grouping``: a named grouping, or a number of blocks M >= 1."""
+    from .grouping import NAMED_GROUPINGS
+
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    if text in NAMED_GROUPINGS:
+        return text
+    raise argparse.ArgumentTypeError(
+        f"invalid grouping {text!r}; expected one of: {', '.join(NAMED_GROUPINGS)}, or a number of blocks M >= 1."
+    )
+
+
+_POSITIVE = _number(float, 0)
+_NON_NEGATIVE = _number(float, 0, inclusive=True)
+_POSITIVE_INT = _number(int, 1, inclusive=True)
+_NON_NEGATIVE_INT = _number(int, 0, inclusive=True)
+_DELTA = _number(float, 0, high=1)
+_SAMPLE_RATE = _number(float, 0, high=1, closed=True)
+
+# Shortcut flags of `groupclip train`: flag -> (recipe field, argparse type (checks the value), help).
+TRAIN_SHORTCUTS: dict[str, tuple[str, Callable[[str], object], str]] = {
+    "--grouping": ("clipping.grouping", _grouping, "all-layer | layer-wise | param-wise | M (blocks)"),
+    "--clip-fn": ("clipping.clip_fn", _choice("abadi", "automatic"), "abadi | automatic"),
+    "--max-grad-norm": (
+        "clipping.max_grad_norm",
+        _number(float, 0, what="the total clipping threshold R (each of M groups gets R / sqrt(M))"),
+        "total clipping threshold R (> 0; each of M groups gets R / sqrt(M))",
+    ),
+    "--norm-mode": ("clipping.norm_mode", _choice("auto", "ghost", "instantiate"), "auto | ghost | instantiate"),
+    "--epsilon": (
+        "privacy.epsilon",
+        _POSITIVE,
+        "target epsilon (> 0): the noise multiplier is calibrated to reach it; replaces the recipe's noise_multiplier",
+    ),
+    "--noise-multiplier": (
+        "privacy.noise_multiplier",
+        _NON_NEGATIVE,
+        "fixed noise multiplier (>= 0): epsilon is computed from it; replaces the recipe's target epsilon "
+        "(give it or --epsilon, not both)",
+    ),
+    "--delta": ("privacy.delta", _DELTA, "target delta, in (0, 1)"),
+    "--epochs": ("schedule.epochs", _POSITIVE, "passes over the data (> 0)"),
+    "--batch-size": ("schedule.batch_size", _POSITIVE_INT, "expected (Poisson) batch size (>= 1)"),
+    "--physical-batch-size": ("schedule.physical_batch_size", _POSITIVE_INT, "largest batch per backward pass"),
+    "--lr": ("optimizer.lr", _NON_NEGATIVE, "learning rate"),
+    "--momentum": ("optimizer.momentum", _NON_NEGATIVE, "SGD momentum"),
+    "--optimizer": ("optimizer.name", _choice("sgd", "adam", "adamw"), "sgd | adam | adamw"),
     "--seed": ("run.seed", int, "seed of the model, data order and Poisson sampler (not of the DP noise)"),
     "--noise-seed": (
         "privacy.noise_seed",
@@ -35,18 +136,22 @@ TRAIN_SHORTCUTS: dict[str, tuple[str, type, str]] = {
     ),
     "--checkpoint-every": (
         "run.checkpoint_every",
-        int,
+        _number(int, -1, inclusive=True),
         "steps between checkpoints in the run folder (0: once per epoch, the default; -1: none)",
     ),
     "--collective-timeout": (
         "run.collective_timeout",
-        float,
+        _POSITIVE,
         "seconds a rank of a torchrun launch waits for the others before stopping with an error (default 600)",
     ),
-    "--threads": ("run.threads", int, "torch threads (0: default)"),
+    "--threads": ("run.threads", _NON_NEGATIVE_INT, "torch threads (0: default)"),
     "--device": ("run.device", str, "cpu, cuda, cuda:N or auto (CUDA when available)"),
-    "--max-steps": ("schedule.max_steps", int, "stop after this many steps (privacy still planned for all)"),
-    "--limit": ("data.limit", int, "use only the first N training examples"),
+    "--max-steps": (
+        "schedule.max_steps",
+        _NON_NEGATIVE_INT,
+        "stop after this many steps (privacy still planned for all; 0: no limit)",
+    ),
+    "--limit": ("data.limit", _NON_NEGATIVE_INT, "use only the first N training examples (0: all)"),
 }
 
 
@@ -54,10 +159,19 @@ def _train_parser(sub) -> None:
     parser = sub.add_parser(
         "train",
         help="run a training recipe (default: the embedded CNN on the MNIST 5k subset)",
-        description="Train a recipe (a TOML file or a bundled name) with DP; flags and --set override any field.",
+        description="Train a recipe (a TOML file or a bundled name) with DP; flags and --set override any field. "
+        "The privacy budget is stated once: privacy.epsilon (a target; the noise multiplier is calibrated to reach "
+        "it) or privacy.noise_multiplier (fixed; epsilon is computed). Setting one (--epsilon, --noise-multiplier "
+        "or --set) replaces the recipe's other; --show prints which applies and what it implies.",
     )
     parser.add_argument("--recipe", default=None, help="bundled recipe name or path to a .toml (default: default)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a field")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override a recipe field (repeatable; 'none' unsets an optional one, e.g. privacy.noise_multiplier=none)",
+    )
     for flag, (key, kind, text) in TRAIN_SHORTCUTS.items():
         parser.add_argument(flag, type=kind, default=None, help=f"{text} (sets {key})")
     parser.add_argument("--adaptive", action="store_true", default=None, help="adaptive per-group thresholds")
@@ -82,24 +196,42 @@ def _train_parser(sub) -> None:
 
 
 def _train_overrides(args) -> list[str] | dict:
+    """The recipe overrides of the flags and ``--set``s. Setting ``privacy.epsilon`` (a target) or
+    ``privacy.noise_multiplier`` (fixed) unsets the other (see :func:`~groupclip.training.recipe.apply_overrides`);
+    setting both is a RecipeError naming the two flags."""
     overrides: dict = {}
+    given_as: dict[str, str] = {}  # recipe field -> how the command line set it
     for flag, (key, _, _) in TRAIN_SHORTCUTS.items():
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
             overrides[key] = value
-    if args.epsilon is not None and args.noise_multiplier is None:
-        overrides["privacy.noise_multiplier"] = None  # a target epsilon replaces a recipe's fixed multiplier
+            given_as[key] = f"{flag} {value}"
     if args.adaptive:
         overrides["clipping.adaptive"] = True
     if args.non_private:
         overrides["privacy.private"] = False
     if args.keep_checkpoint:
         overrides["run.keep_checkpoint"] = True
-    overrides.update(parse_override(text) for text in args.set)
+    for text in args.set:
+        key, value = parse_override(text)
+        overrides[key] = value
+        given_as[key] = f"--set {text}"
+    stated = [key for key in PRIVACY_BUDGET_FIELDS if overrides.get(key) is not None and not _unsets(overrides[key])]
+    if len(stated) == 2:
+        raise RecipeError(
+            f"{given_as[stated[0]]} and {given_as[stated[1]]} both state the privacy budget; give one: a target "
+            "epsilon (the noise multiplier is calibrated to reach it) or a fixed noise multiplier (epsilon is "
+            "computed from it)."
+        )
     if "clipping.grouping" in overrides and isinstance(overrides["clipping.grouping"], str):
         grouping = overrides["clipping.grouping"]
         overrides["clipping.grouping"] = int(grouping) if grouping.isdigit() else grouping
     return overrides
+
+
+def _unsets(value: object) -> bool:
+    """``--set section.field=none`` (or ``null``) unsets an optional field."""
+    return isinstance(value, str) and value.lower() in ("none", "null")
 
 
 def _train(args) -> int:
@@ -119,7 +251,7 @@ def _train(args) -> int:
         out = args.out or os.path.join("runs", recipe.name, time.strftime("%Y%m%d-%H%M%S") + f"-seed{recipe.run.seed}")
         run_dir = None if out == "none" else out
     if args.show:
-        print(recipe_to_toml(recipe), end="")
+        print(recipe_to_toml(recipe, _budget_comments(recipe)), end="")
         return 0
     result = train(recipe, run_dir, progress=not args.no_progress, resume=bool(args.resume))
     if result.get("rank", 0) != 0:  # a torchrun launch: rank 0 reports
@@ -129,6 +261,27 @@ def _train(args) -> int:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(result, handle, indent=2)
     return 0
+
+
+def _budget_comments(recipe) -> dict[str, str]:
+    """``--show``'s comment on the privacy budget: whether ``privacy.epsilon`` (a target) or
+    ``privacy.noise_multiplier`` (fixed) applies, and the noise multiplier or epsilon it implies for the recipe's
+    training set (built for its size; without the numbers when the data is not available here)."""
+    import warnings
+
+    from .training.recipe import privacy_budget_note
+    from .training.tasks import build_task
+
+    if not recipe.privacy.private:
+        return {}
+    try:
+        data_size = len(build_task(recipe.task, recipe.data, recipe.model, recipe.run.seed).train)
+    except (DatasetMissingError, ImportError, OSError):
+        data_size = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the run itself warns (a delta >= 1/N, a noise multiplier of 0)
+        note = privacy_budget_note(recipe, data_size)
+    return dict([note]) if note else {}
 
 
 def _resumed_recipe(args):
@@ -202,7 +355,7 @@ def _sweep_parser(sub) -> None:
     parser.add_argument("--repeat", help="axis averaged over in the table (e.g. seed)")
     parser.add_argument("--name", default="sweep", help="sweep name (flags form)")
     parser.add_argument("--out", help="sweep folder (default: runs/sweeps/<name>)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each its own process)")
+    parser.add_argument("--jobs", type=_POSITIVE_INT, default=1, help="runs at a time (each its own process)")
     parser.add_argument("--only", action="append", default=[], metavar="AXIS=V1,V2", help="run a subset")
     parser.add_argument("--table", action="store_true", help="only rebuild the results table from finished runs")
 
@@ -232,23 +385,53 @@ def _sweep(args) -> int:
 
 
 def _accounting_parsers(sub) -> None:
-    eps = sub.add_parser("epsilon", help="epsilon of Poisson-subsampled Gaussian steps (dp-accounting)")
-    eps.add_argument("--noise-multiplier", "--sigma", type=float, required=True)
-    calib = sub.add_parser("calibrate", help="noise multiplier that reaches a target epsilon (dp-accounting)")
-    calib.add_argument("--target-epsilon", type=float, required=True)
-    for p in (eps, calib):
-        p.add_argument("--sample-rate", "-q", type=float, required=True, help="Poisson sampling rate q")
-        p.add_argument("--steps", type=int, required=True)
-        p.add_argument("--delta", type=float, required=True)
-        p.add_argument("--accountant", choices=("rdp", "pld"), default="rdp")
+    eps = sub.add_parser(
+        "epsilon",
+        help="epsilon of Poisson-subsampled Gaussian steps (dp-accounting)",
+        description="Print the epsilon at --delta after --steps DP-SGD steps with Poisson sampling at rate q and "
+        "Gaussian noise of the given noise multiplier (dp-accounting's RDP or PLD accountant).",
+    )
+    eps.add_argument(
+        "--noise-multiplier",
+        "--sigma",
+        type=_NON_NEGATIVE,
+        required=True,
+        help="noise multiplier sigma: noise std / sensitivity (>= 0; 0 gives an infinite epsilon)",
+    )
+    calib = sub.add_parser(
+        "calibrate",
+        help="noise multiplier that reaches a target epsilon (dp-accounting)",
+        description="Print the smallest noise multiplier (within 0.5%) whose epsilon at --delta after --steps "
+        "Poisson-subsampled Gaussian steps does not exceed --target-epsilon.",
+    )
+    calib.add_argument("--target-epsilon", type=_POSITIVE, required=True, help="the epsilon to reach (> 0)")
+    for p, min_steps in ((eps, 0), (calib, 1)):
+        p.add_argument(
+            "--sample-rate", "-q", type=_SAMPLE_RATE, required=True, help="Poisson sampling rate q, in (0, 1]"
+        )
+        p.add_argument(
+            "--steps",
+            type=_number(int, min_steps, inclusive=True),
+            required=True,
+            help=f"number of DP-SGD steps (>= {min_steps})",
+        )
+        p.add_argument("--delta", type=_DELTA, required=True, help="delta of the (epsilon, delta) guarantee, in (0, 1)")
+        p.add_argument(
+            "--accountant", choices=("rdp", "pld"), default="rdp", help="privacy accountant (default: %(default)s)"
+        )
 
 
 def _accounting(args) -> int:
     try:
         return _accounting_command(args)
-    except ValueError as exc:  # bad numbers: an error line and exit code 2, like argparse
-        print(f"groupclip {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except ValueError as exc:  # numbers the accountant rejects (an unreachable epsilon, ...): a user error
+        return _user_error(args.command, exc)
+
+
+def _user_error(command: str, exc: BaseException) -> int:
+    """Print ``groupclip COMMAND: error: MESSAGE`` as one line on stderr; returns the exit status 2."""
+    print(f"groupclip {command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+    return 2
 
 
 def _accounting_command(args) -> int:
@@ -266,8 +449,7 @@ def _accounting_command(args) -> int:
             args.target_epsilon, args.delta, args.sample_rate, args.steps, args.accountant
         )
     except UnreachableEpsilonError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _user_error(args.command, exc)
     eps = compute_epsilon(sigma, args.sample_rate, args.steps, args.delta, args.accountant)
     print(
         f"noise multiplier = {sigma:.6g} -> epsilon = {eps:.6g} at delta = {args.delta:g} "
@@ -277,19 +459,21 @@ def _accounting_command(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="groupclip", description=__doc__)
+    parser = _Parser(prog="groupclip", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _sweep_parser(sub)
     _accounting_parsers(sub)
-    from .bench.commands import add_parsers, run_bench, run_plan
+    from .harness import add_parsers, run_bench, run_plan
 
     add_parsers(sub)
     from .audit import cli as audit_cli
 
     audit_cli.add_parser(sub)
     argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the subcommand's parser: `groupclip train: error: unrecognized arguments: ...`
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command in ("epsilon", "calibrate"):
         return _accounting(args)
     if args.command == "bench":
@@ -304,11 +488,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return _train(args) if args.command == "train" else _sweep(args)
         except PeerFailureError as exc:  # a dead or hung rank of a distributed launch: a runtime failure
-            print(f"groupclip {args.command}: error: {exc}", file=sys.stderr)
+            print(f"groupclip {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
             return 1
         except (GroupClipError, DatasetMissingError) as exc:  # recipes, privacy settings, missing data
-            print(f"groupclip {args.command}: error: {exc}", file=sys.stderr)
-            return 2
+            return _user_error(args.command, exc)
     return 0
 
 

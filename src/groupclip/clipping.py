@@ -1,4 +1,5 @@
-"""Clip functions, per-group thresholds and the total sensitivity they imply (MATH.md §1).
+"""Clip functions, per-group thresholds and the total sensitivity they imply (``docs/MATH.md``, sections
+"Clip functions" and "Thresholds and sensitivity").
 
 A clip function maps per-sample norms ``[B]`` of one group and the group's threshold ``R_k`` to per-sample factors
 ``C_ik`` with ``C_ik * ||g_ik|| <= R_k``. Two are built in:
@@ -15,7 +16,8 @@ Adding one: decorate a factory with :func:`register_clip_function` and pass its 
     engine = ClippingEngine(model, clip_fn="hard-zero")
 
 The engine checks the bound ``C * ||g|| <= R`` on every group a registered clip function clips, so a wrong clip
-function fails loudly instead of breaking the privacy guarantee.
+function fails loudly instead of breaking the privacy guarantee -- unless the function declares ``bound_proven``
+or supplies the many-groups ``normalized`` form, which the engine trusts and does not check.
 """
 
 from __future__ import annotations

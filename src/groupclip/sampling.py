@@ -1,9 +1,9 @@
 """Batches for DP training: Poisson sampling (what the accountants assume), and splitting into physical batches.
 
 Poisson sampling includes every example in every step independently with probability ``q``: batch sizes vary
-and can be zero. The privacy accountants (RDP, PLD) analyse exactly this mechanism (MATH.md §7). Shuffled
-fixed-size batches are a different mechanism -- the epsilon computed for Poisson sampling does not formally apply
-to them -- so :func:`shuffled_loader` warns.
+and can be zero. The privacy accountants (RDP, PLD) analyse exactly this mechanism (``docs/MATH.md``, sections
+"Sampling" and "Accounting"). Shuffled fixed-size batches are a different mechanism -- the epsilon computed for
+Poisson sampling does not formally apply to them -- so :func:`shuffled_loader` warns.
 """
 
 from __future__ import annotations
@@ -63,14 +63,21 @@ class PoissonBatchSampler(Sampler[list[int]]):
             raise ValueError(f"Expected shard=(rank, world_size) with 0 <= rank < world_size; got {shard}.")
         self.shard = shard
         self._position = 0
+        # Called as each round is drawn (PrivateTraining charges its ledger then: a drawn round counts whatever
+        # the loop does with it).
+        self.on_round: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[list[int]]:
+        if self._position >= self.steps:  # the last pass was consumed to its last batch without exhausting us
+            self._position = 0
         while self._position < self.steps:
             mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
             self._position += 1
+            if self.on_round is not None:
+                self.on_round()
             chosen = torch.nonzero(mask).flatten()
             if self.shard is not None:  # every rank draws the same global mask and keeps its share of it
                 rank, world = self.shard
@@ -173,6 +180,8 @@ def physical_batches(batch: Any, max_physical_batch_size: int) -> Iterator[Any]:
     """
     if max_physical_batch_size < 1:
         raise ValueError(f"Expected max_physical_batch_size={max_physical_batch_size} >= 1.")
+    if isinstance(batch, Mapping) and not isinstance(batch, dict):  # a UserDict (Hugging Face's BatchEncoding)
+        batch = dict(batch)
     leaves, spec = tree_flatten(batch)
     sizes = {t.shape[0] for t in leaves if isinstance(t, torch.Tensor)}
     if len(sizes) != 1:

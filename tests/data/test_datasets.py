@@ -1,4 +1,4 @@
-"""The offline data sets of DATA.md: real files, parsed and split as documented; clear errors when missing."""
+"""The offline data sets the Makefile installs: real files, parsed and split as documented; clear errors if missing."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from groupclip import datasets
-from groupclip.datasets import (
+from groupclip.training import datasets
+from groupclip.training.datasets import (
     DatasetMissingError,
     load_fashion_mnist,
     load_rotten_tomatoes,

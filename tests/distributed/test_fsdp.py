@@ -13,7 +13,7 @@ from spawn import run_ranks
 from torch import nn
 
 from groupclip import ClippingEngine, make_private
-from groupclip.errors import AttachError, DistributedSetupError, NonFiniteNormError, UnattributedGradientError
+from groupclip.errors import AttachError, DistributedSetupError, UnattributedGradientError
 
 SAMPLES, DATA = 8, 16
 GROUPINGS = [
@@ -154,9 +154,7 @@ def _noise_run(rank: int, world: int) -> dict:
             batch_size=8, data_size=64, seed=11,
         )  # fmt: skip
         if kind == "constant":  # noise = std everywhere: each coordinate must get it exactly once
-            private.noise.sample = lambda shape, std, *, dtype, device: torch.full(
-                shape, std, dtype=dtype, device=device
-            )
+            private.noise.add_ = lambda tensors, std: torch._foreach_add_(tensors, std)
         gen = torch.Generator().manual_seed(5 + rank)
         x, y = torch.randn(4, 40, generator=gen, dtype=torch.float64), torch.randn(4, generator=gen).double()
         _loss(model, x, y).backward()
@@ -232,7 +230,7 @@ def _failures(rank: int, world: int) -> dict:
     model = _shard(_model(), world)
     attempt("bare_engine", lambda: ClippingEngine(model).attach())
 
-    # A non-finite per-sample norm on rank 1 only: every rank refuses the step, nothing changes; then training goes on.
+    # A non-finite per-sample norm on rank 1 only: that sample is dropped, every rank takes the step (finite).
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     make_private_sharded(model, optimizer, grouping="layer-wise", **settings)
     x, y = _batches()[0]
@@ -242,7 +240,8 @@ def _failures(rank: int, world: int) -> dict:
     before = {n: _full(p) for n, p in model.named_parameters()}
     _loss(model, x, y[:4]).backward()
     attempt("nonfinite_step", optimizer.step)
-    outcomes["unchanged"] = all(torch.equal(_full(p), before[n]) for n, p in model.named_parameters())
+    outcomes["finite"] = all(bool(torch.isfinite(_full(p)).all()) for p in model.parameters())
+    before = {n: _full(p) for n, p in model.named_parameters()}
     optimizer.zero_grad()
     _loss(model, torch.nan_to_num(x), y[:4]).backward()
     attempt("next_step", optimizer.step)
@@ -255,7 +254,7 @@ def _failures(rank: int, world: int) -> dict:
 
 
 @pytest.mark.slow
-def test_disagreement_bare_engines_non_finite_norms_and_leaks_fail_loudly_on_every_rank():
+def test_disagreement_bare_engines_and_leaks_fail_loudly_on_every_rank_non_finite_norms_are_dropped():
     ranks = run_ranks(_failures, 2, (), timeout=150)
     for outcome in ranks:
         for key in ("grouping", "noise_multiplier"):
@@ -263,8 +262,7 @@ def test_disagreement_bare_engines_non_finite_norms_and_leaks_fail_loudly_on_eve
             assert f"{key}: rank 0 = " in outcome[key]
         assert outcome["bare_engine"].startswith(AttachError.__name__)
         assert "make_private_sharded" in outcome["bare_engine"]
-        assert outcome["nonfinite_step"].startswith(NonFiniteNormError.__name__)
-        assert outcome["unchanged"]
+        assert outcome["nonfinite_step"] == "ok" and outcome["finite"]
         assert outcome["next_step"] == "ok" and outcome["changed"]
         assert outcome["leak"].startswith(UnattributedGradientError.__name__), outcome["leak"]
 

@@ -1,4 +1,5 @@
-"""Privacy accounting (MATH.md §7): groupclip's ledger, epsilon, calibration and CLI against dp-accounting itself.
+"""Privacy accounting (docs/MATH.md, Accounting): groupclip's ledger, epsilon, calibration and CLI against
+dp-accounting itself.
 
 One DP-SGD step is ``PoissonSampledDpEvent(q, GaussianDpEvent(sigma))``. The expected values here are built directly
 with dp-accounting's ``RdpAccountant`` / ``pld.PLDAccountant`` (not through groupclip's helpers), and cross-checked

@@ -10,7 +10,7 @@ What is checked, end to end on the user's own optimizer (no mocks of groupclip):
   under ``loss = out.sum()`` has per-sample gradient ``x_i``, so the norms are the input norms), and the budget
   split ``z1 = (sigma^-2 - M / (4 sigma_b^2))^-1/2`` is both recorded (sigma in the ledger) and used (noise std);
 * checkpoint / resume is bit-identical with noise and Poisson sampling (fresh model, optimizer and OS-seeded RNGs);
-* LR schedulers and ``clip_grad_norm_`` keep working; metrics and epsilon are right;
+* LR schedulers keep working, ``clip_grad_norm_`` before step is refused; metrics and epsilon are right;
 * bad input is refused with the documented errors, and a non-finite batch touches nothing.
 """
 
@@ -31,7 +31,6 @@ from torch.utils.data import TensorDataset
 from groupclip import (
     AdaptiveClipping,
     LossReductionError,
-    NonFiniteNormError,
     PrivacySetupError,
     UnreachableEpsilonError,
     UnsupportedModuleError,
@@ -265,7 +264,7 @@ def test_adaptive_clipping_spends_the_stated_budget():
         noise_multiplier=sigma,
         batch_size=batch,
         data_size=n,
-        adaptive=AdaptiveClipping(count_noise_std=sigma_b),
+        adaptive=AdaptiveClipping(count_noise_std=sigma_b, rescale="none"),
         target_delta=1e-4,
         seed=4,
     )
@@ -416,32 +415,25 @@ def test_lr_scheduler_keeps_working():
     assert max_diff(dp, plain) <= 1e-9  # the lr each step used is the scheduled one
 
 
-def test_clip_grad_norm_before_step():
-    x, y = classification_data(48)
-    batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 48, 8)]
-    lr, cap = 0.5, 0.3
+def test_clip_grad_norm_before_step_is_refused():
+    # .grad before step() is the sum of clipped per-sample gradients, before noise: clipping it would shrink the
+    # signal and not the noise, so step() refuses it and changes nothing (tests/integrations/test_clip_grad_norm.py).
+    from groupclip.private import GradientChangedError
 
-    plain = mlp()
-    opt = torch.optim.SGD(plain.parameters(), lr=lr / 8)
-    plain_norms = []
-    for xb, yb in batches:
-        F.cross_entropy(plain(xb), yb, reduction="sum").backward()
-        plain_norms.append(float(nn.utils.clip_grad_norm_(plain.parameters(), cap)))
-        opt.step()
-        opt.zero_grad()
-
+    x, y = classification_data(16)
     model = mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    make_private(model, opt, noise_multiplier=0.0, max_grad_norm=1e6, batch_size=8, data_size=48, loss_reduction="sum")
-    norms = []
-    for xb, yb in batches:
-        F.cross_entropy(model(xb), yb, reduction="sum").backward()
-        norms.append(float(nn.utils.clip_grad_norm_(model.parameters(), cap)))  # on sum_i C_i g_i, before noise
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    private = make_private(model, opt, noise_multiplier=0.0, max_grad_norm=1e6, batch_size=8, data_size=48)
+    F.cross_entropy(model(x[:8]), y[:8]).backward()
+    nn.utils.clip_grad_norm_(model.parameters(), 0.3)
+    before = params_of(model)
+    with pytest.raises(GradientChangedError, match="clip_grad_norm_"):
         opt.step()
-        opt.zero_grad()
-    assert min(norms) > cap  # the cap was active
-    assert norms == pytest.approx(plain_norms, rel=1e-9)
-    assert max_diff(params_of(model), params_of(plain)) <= 1e-9
+    assert max_diff(params_of(model), before) == 0 and private.steps == 0
+    opt.zero_grad()
+    F.cross_entropy(model(x[8:]), y[8:]).backward()  # the next batch, without it, steps
+    opt.step()
+    assert private.steps == 1 and max_diff(params_of(model), before) > 0
 
 
 # ---------------------------------------------------------------------- 6. metrics and epsilon
@@ -561,7 +553,7 @@ def test_reachable_target_epsilon_is_calibrated():
         data_size=1000,
     )
     steps = 40  # 2 epochs at q = 0.05
-    assert private.planned_steps == steps
+    assert private.plan.planned_steps == steps
     eps = compute_epsilon(private.noise_multiplier, 0.05, steps, 1e-5)
     assert 2.0 * (1 - 0.01) <= eps <= 2.0
 
@@ -625,28 +617,63 @@ def _good_step_works(model, opt, private) -> None:
     assert private.last_metrics["samples"] == 8
 
 
-def test_non_finite_batch_stepped_anyway_touches_nothing_then_training_continues():
-    model, opt, private = _adam_run()
-    snap = _snapshot(model, opt, private)
+@pytest.mark.parametrize("grouping", ["all-layer", "layer-wise"])
+def test_non_finite_sample_is_dropped_and_the_round_is_charged(grouping):
+    """A sample with a non-finite norm cannot stop the step (that would reveal it): its contribution is dropped
+    (factor 0), the others' are exactly their clipped gradients, the step is taken and charged."""
     x, y = _nan_batch()
-    with pytest.raises(NonFiniteNormError):
-        F.cross_entropy(model(x), y).backward()
-    with pytest.raises(NonFiniteNormError):
+    keep = torch.arange(len(x)) != 3
+    sums, dropped = [], []
+    for inputs, targets in ((x, y), (x[keep], y[keep])):
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        private = make_private(
+            model, opt, grouping=grouping, noise_multiplier=0.0, batch_size=8, data_size=80, loss_reduction="sum"
+        )
+        F.cross_entropy(model(inputs), targets, reduction="sum").backward()
+        sums.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
         opt.step()
-    _assert_untouched(model, opt, private, snap)
-    opt.zero_grad()
-    _good_step_works(model, opt, private)
+        assert private.steps == 1 and private.accountant.steps == 1  # taken and charged
+        dropped.append(private.last_metrics["dropped_samples"])
+    assert torch.isfinite(sums[0]).all()
+    assert torch.allclose(sums[0], sums[1], rtol=1e-12, atol=1e-14)
+    assert dropped[0] and all(count == 1 for count in dropped[0].values()) and dropped[1] == {}
 
 
-def test_non_finite_batch_skipped_with_zero_grad_then_training_continues():
+def test_non_finite_sample_is_reported_in_the_metrics():
     model, opt, private = _adam_run()
-    snap = _snapshot(model, opt, private)
     x, y = _nan_batch()
-    with pytest.raises(NonFiniteNormError):
-        F.cross_entropy(model(x), y).backward()
-    _assert_untouched(model, opt, private, snap)
-    opt.zero_grad()  # what the error message says to do; no step on the bad batch
-    _good_step_works(model, opt, private)
+    F.cross_entropy(model(x), y).backward()
+    assert private.engine.last_report.dropped == {"all": [3]}
+    opt.step()
+    assert private.last_metrics["dropped_samples"] == {"all": 1}
+    assert private.steps == 2 and private.accountant.steps == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    opt.zero_grad()
+
+
+def test_skipping_empty_poisson_batches_spends_the_same_as_stepping_on_them():
+    """The ledger counts rounds drawn: a loop that skips empty batches reports the same epsilon."""
+    data = torch.utils.data.TensorDataset(*classification_data(40, seed=2))
+    epsilons, skipped = [], []
+    for skip in (False, True):
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        private = make_private(model, opt, noise_multiplier=1.0, sample_rate=0.05, data_size=40, noise_seed=7)
+        count = 0
+        for x, y in private.poisson_loader(data):
+            if skip and len(x) == 0:
+                count += 1
+                continue
+            if len(x):
+                F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        epsilons.append(private.epsilon())
+        skipped.append(count)
+        assert private.rounds == private.accountant.steps == 20
+    assert skipped[1] > 0  # the seed draws empty rounds at q = 0.05 over 40 samples
+    assert epsilons[0] == epsilons[1]
 
 
 @pytest.mark.parametrize(

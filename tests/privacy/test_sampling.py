@@ -1,4 +1,4 @@
-"""Poisson sampling, empty batches, physical batches and the noise source (MATH.md §7).
+"""Poisson sampling, empty batches, physical batches and the noise source (docs/MATH.md, Sampling).
 
 Statistical checks use tolerances of 6 standard deviations of the statistic under a correct implementation (or a
 p-value threshold of 1e-6), so a correct implementation fails them with negligible probability whatever the seed.
@@ -303,7 +303,7 @@ def test_secure_noise_is_standard_normal_and_not_reproducible():
 def test_secure_noise_state_dict():
     noise = GaussianNoise(secure=True)
     state = noise.state_dict()
-    assert state == {"secure": True, "generator": None}
+    assert state == {"secure": True, "base": None, "generators": {}}  # nothing to restore: not reproducible
     plain = GaussianNoise(seed=1)
     plain.load_state_dict(state)
     assert plain.secure

@@ -12,7 +12,7 @@ import groupclip
 
 pytest.importorskip("transformers")
 
-from groupclip.datasets import load_shakespeare
+from groupclip.training.datasets import load_shakespeare
 from groupclip.training.recipe import RecipeError, load_recipe
 from groupclip.training.tasks import TaskSetup, take_options
 from groupclip.training.tasks.charlm import DATA_DEFAULTS, MODEL_DEFAULTS, build_char_lm

@@ -25,8 +25,10 @@ import torch
 from groupclip.accounting import compute_epsilon
 from groupclip.cli import main
 from groupclip.training import apply_overrides, load_recipe, plots, recipe_to_toml, train
-from groupclip.training import runner as runner_module
+from groupclip.training import loop as loop_module
 from groupclip.training.checkpoint import PAUSE_ENV, load_checkpoint
+from groupclip.training.launch import Launch
+from groupclip.training.private_loop import PrivateLoop
 from groupclip.training.tasks import build_task
 
 TOTAL, EVERY = 9, 3
@@ -124,8 +126,8 @@ def test_killed_at_a_random_step_and_during_a_checkpoint_write_resumes_bit_ident
 
     # 2. Resume, and SIGKILL it in the middle of writing its first checkpoint: the temporary file is half written.
     pause_at = resumed_at + EVERY
-    second = _start(["--resume", str(run)], env={PAUSE_ENV: f"60@{pause_at}"})
-    # Meanwhile (the save waits 60 s for the kill), the uninterrupted run: the same command, in this process.
+    second = _start(["--resume", str(run)], env={PAUSE_ENV: f"900@{pause_at}"})  # the kill ends the wait
+    # Meanwhile (the save waits for the kill, however slow the reference run), the uninterrupted run, in this process.
     assert torch.get_default_dtype() == torch.float32, "a test left the default dtype changed"
     assert main(["train", *SEEDED, "--out", str(tmp_path / "reference")]) == 0
     capsys.readouterr()
@@ -175,18 +177,18 @@ def _no_plots_in_this_process(monkeypatch):
 
 def _run_keeping_every_checkpoint(recipe, run_dir: Path) -> dict:
     """``train`` in this process, with a copy ``copy-<step>.pt`` of every checkpoint it writes."""
-    real_save = runner_module.save_checkpoint
+    real_save = loop_module.save_checkpoint
 
     def save_and_copy(state, folder):
         path = real_save(state, folder)
         shutil.copy(path, os.path.join(folder, f"copy-{state['step']}.pt"))
         return path
 
-    runner_module.save_checkpoint = save_and_copy
+    loop_module.save_checkpoint = save_and_copy
     try:
         return train(recipe, str(run_dir), progress=False, log=lambda _: None)
     finally:
-        runner_module.save_checkpoint = real_save
+        loop_module.save_checkpoint = real_save
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +242,7 @@ def test_dropout_resumes_on_the_same_global_rng_stream(tmp_path):
     tiny_gpt |= {"model.n_layer": 1, "model.n_embd": 16, "model.n_head": 2, "model.dropout": 0.2}
     overrides = {**tiny_gpt, "schedule.batch_size": 16, "schedule.physical_batch_size": 16}
     overrides |= {"schedule.warmup_steps": 0, "schedule.max_steps": 4, "run.checkpoint_every": 2}
-    overrides |= {"privacy.noise_multiplier": 4.0, "privacy.epsilon": 8.0, "run.keep_checkpoint": True}
+    overrides |= {"privacy.noise_multiplier": 4.0, "run.keep_checkpoint": True}
     recipe = apply_overrides(load_recipe("shakespeare-gpt"), overrides)
     _run_keeping_every_checkpoint(recipe, tmp_path / "full")
     folder = _as_if_killed_after(tmp_path / "full", 2, tmp_path / "resumed")
@@ -253,9 +255,9 @@ def test_secret_noise_is_not_seeded_from_run_seed():
     states = []
     for _ in range(2):
         setup = build_task(recipe.task, recipe.data, recipe.model, recipe.run.seed)
-        loop = runner_module._PrivateLoop(recipe, setup, runner_module.Launch())
+        loop = PrivateLoop(recipe, setup, Launch())
         try:
-            states.append(loop.private.noise.generator.get_state())
+            states.append(loop.private.noise.generator("cpu").get_state())
         finally:
             loop.close()
     assert not torch.equal(states[0], states[1])  # the same run.seed, different noise generators
@@ -267,7 +269,7 @@ def test_noise_that_cannot_be_replayed_charges_the_lost_steps(secret_run, tmp_pa
     run_dir, full, _ = secret_run
 
     def unreplayable(state):
-        state["loop"]["private"]["noise"] = {"secure": True, "generator": None}
+        state["loop"]["private"]["noise"] = {"secure": True, "base": None, "generators": {}}
 
     folder = _as_if_killed_after(run_dir, 4, tmp_path / "resumed", edit=unreplayable)
     resumed = train(_tiny_recipe(), str(folder), progress=False, log=lambda _: None, resume=True)

@@ -209,7 +209,7 @@ def _fail(message: object, status: int) -> int:
 
 def _run_recipe(args: argparse.Namespace) -> int:
     """``--recipe``: audit a training recipe with black-box canaries; returns the exit status."""
-    from ..datasets import DatasetMissingError
+    from ..training.datasets import DatasetMissingError
     from ..training.recipe import apply_overrides, load_recipe, parse_override
     from .recipe import run_recipe_audit
 

@@ -8,7 +8,9 @@
   :func:`make_private_pipeline` (:mod:`groupclip.distributed.pipeline`).
 * :func:`check_agreement`: the collective check that all ranks were given the same settings.
 
-The names below load their modules on first use (the data-parallel module is imported by ``groupclip.private``).
+How each topology works, what it requires and how it fails: ``docs/DISTRIBUTED.md``. The names below load their
+modules on first use; the data-parallel module is imported with this package (``import groupclip`` imports it),
+which registers the ``"data-parallel"`` topology that ``make_private(distributed=True)`` looks up by name.
 """
 
 from __future__ import annotations
@@ -16,18 +18,20 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from . import data_parallel  # noqa: F401  (registers the "data-parallel" topology)
 from .agreement import check_agreement
+from .data_parallel import DataParallel
 
 _LAZY = {
     "make_private_sharded": "sharded",
-    "ShardedPrivateTraining": "sharded",
+    "Sharded": "sharded",
     "make_private_pipeline": "pipeline",
-    "PrivatePipeline": "pipeline",
+    "PipelineStage": "pipeline",
     "PrivatePipelineStage": "pipeline",
     "fixed_size_chunks": "pipeline",
 }
 
-__all__ = ["check_agreement", *_LAZY]
+__all__ = ["DataParallel", "check_agreement", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

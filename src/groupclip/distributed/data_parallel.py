@@ -1,32 +1,14 @@
 """Data-parallel DP training: each rank clips its own samples; the clipped sums are all-reduced; noise is added once.
 
-What :func:`groupclip.make_private` does with ``distributed=True`` (MATH.md §6), on any torch.distributed backend
-(gloo on CPU, NCCL on GPU; launch with ``torchrun``):
+What :func:`groupclip.make_private` does with ``distributed=True``, on any torch.distributed backend (gloo on CPU,
+NCCL on GPU; launch with ``torchrun``): all ranks check that they were given the same settings and start from rank
+0's parameters; one global Poisson mask is split among the ranks; at ``optimizer.step()`` rank 0 adds the noise and
+one all-reduce gives every rank the noisy global sum, divided by the global expected batch size. A dead or hung
+peer becomes a one-line :class:`PeerFailureError`. DDP-wrapped models are refused (Book-Keeping computes no
+autograd parameter gradient for DDP's reducer to reduce).
 
-* at set-up, every rank checks that all ranks were given the same grouping, thresholds, clip function and privacy
-  settings (:func:`~groupclip.distributed.agreement.check_agreement`: all ranks raise together if not), and rank 0's
-  parameters and buffers are broadcast, so the replicas start equal;
-* :meth:`~groupclip.PrivateTraining.poisson_loader` gives every rank the same global Poisson mask over the whole
-  data set (the sampler seed is shared) and each rank keeps every ``world``-th selected index: the union of the
-  ranks' batches is ONE Poisson sample of rate q, which is what the accountant analyses;
-* each rank's backward leaves the clipped sums of its own samples in ``.grad`` (any grouping: per-sample norms need
-  only the rank's own samples, so no norm crosses ranks);
-* at ``optimizer.step()`` rank 0 adds ``N(0, sigma^2 S^2)`` to its sums, then one all-reduce (SUM) of all gradients
-  gives every rank ``sum_i clip(g_i) + noise`` over the global batch: noise of the stated variance, added exactly
-  once; then every rank divides by the global expected batch size ``qN`` and steps its replica identically;
-* the accountant's ledger is a function of (sigma, q, steps) alone, which the set-up check made equal on every
-  rank, so every rank reports the same epsilon with no communication (call ``epsilon()`` on any ranks you like).
-
-A rank that dies or hangs: every collective waits at most the process group's ``timeout`` (pass
-``timeout=datetime.timedelta(seconds=...)`` to ``init_process_group``; ``groupclip train`` passes
-``run.collective_timeout``). A dead peer usually fails the next collective at once (its sockets close), a hung one
-when the timeout expires; :func:`peer_failure` turns either backend error into a one-line
-:class:`PeerFailureError` that says what happened and what to do.
-
-Why not ``torch.nn.parallel.DistributedDataParallel``: DDP's reducer all-reduces gradients from autograd's
-per-parameter hooks, and Book-Keeping computes no autograd parameter gradient (the clipped sums come from the layer
-inputs and output gradients), so DDP would never reduce them; groupclip does the same broadcast and gradient
-all-reduce itself, on the clipped sums. A DDP-wrapped model is refused with a message saying this.
+Details -- sampling, where the noise goes, failures, why not DDP: ``docs/DISTRIBUTED.md``, section "Data parallel";
+the mathematics: ``docs/MATH.md``, section "Distributed training".
 """
 
 from __future__ import annotations
@@ -40,6 +22,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..errors import DistributedSetupError, GroupClipError
+from ..topology import Topology, gradients_of, register_topology
+from .agreement import check_agreement
 
 # Messages of backend errors that mean "another rank is gone or did not answer" (gloo, NCCL, the TCP store).
 _PEER_FAILURE_MARKERS = (
@@ -200,3 +184,66 @@ def broadcast_object(value: Any, group: dist.ProcessGroup | None) -> Any:
 
 def _global_rank(group_rank: int, group: dist.ProcessGroup | None) -> int:
     return group_rank if group is None else dist.get_global_rank(group, group_rank)
+
+
+class DataParallel(Topology):
+    """Data parallel: every rank holds the whole model and clips its own samples; at ``step()`` rank 0 adds the
+    noise to its clipped sums and one all-reduce per (dtype, device) gives every rank the noisy global sum; the
+    Poisson sample is one global mask split among the ranks (``docs/DISTRIBUTED.md``, section "Data parallel")."""
+
+    name = "data-parallel"
+
+    def __init__(self, process_group: dist.ProcessGroup | None = None) -> None:
+        self.group = process_group
+        self.rank, self.world_size = require_process_group(process_group)
+
+    def prepare(self, model: nn.Module, engine: Any, settings: dict[str, Any]) -> None:
+        refuse_ddp_wrapper(model)
+        refuse_sharded_parameters(model)
+        if engine.grouping is None:
+            # An int M grouping resolves at the first forward pass, which a rank with an empty Poisson batch
+            # skips: that rank would not know the thresholds (nor the noise's sensitivity).
+            raise DistributedSetupError(
+                f"grouping={engine.grouping_spec!r} (M blocks in execution order) is only known after a forward "
+                "pass, which a rank may skip (an empty Poisson batch). Resolve it up front and pass the groups: "
+                "groups = groupclip.grouping.resolve_grouping(model, M, order).groups with the parameter names in "
+                "execution order (groupclip.training.runner.execution_order gives it), or use a named or explicit "
+                "grouping."
+            )
+        check_agreement(settings, what="grouping and privacy settings", group=self.group)
+        broadcast_model(model, self.group)
+
+    def shared_seed(self, seed: int | None) -> int:
+        return shared_seed(seed, self.group)
+
+    def sampler_shard(self) -> tuple[int, int]:
+        return self.rank, self.world_size
+
+    def finish_gradients(self, noise: Any, std: float, expected_batch_size: float) -> None:
+        grads = gradients_of(self.params)
+        with torch.no_grad():
+            if self.rank == 0:  # the noise, once, in the sum
+                noise.add_(grads, std)
+            buckets: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+            for g in grads:
+                buckets.setdefault((g.dtype, g.device), []).append(g)
+            for members in buckets.values():
+                flat = torch.cat([g.reshape(-1) for g in members])
+                dist.all_reduce(flat, group=self.group)
+                torch._foreach_copy_(
+                    members,
+                    [v.view(g.shape) for v, g in zip(flat.split([g.numel() for g in members]), members, strict=True)],
+                )
+            torch._foreach_mul_(grads, 1.0 / expected_batch_size)
+
+    def total(self, values: Tensor) -> Tensor:
+        home = values.device
+        values = values.to(collective_device(self.group))
+        dist.all_reduce(values, group=self.group)
+        return values.to(home)
+
+    def on_rank0(self, decide: Callable[[], Any]) -> Any:
+        return broadcast_object(decide() if self.rank == 0 else None, self.group)
+
+
+register_topology("data-parallel", DataParallel)

@@ -1,65 +1,22 @@
-"""Pipeline-parallel DP training on ``torch.distributed.pipelining``: per-device or all-layer clipping (MATH.md §6).
+"""Pipeline-parallel DP training on ``torch.distributed.pipelining``: per-device or all-layer clipping.
 
-One process per pipeline stage (single-stage schedules: :class:`~torch.distributed.pipelining.ScheduleGPipe`,
-:class:`~torch.distributed.pipelining.Schedule1F1B`). Each process calls :func:`make_private_pipeline` on its stage
-module and optimizer, builds its schedule with :meth:`PrivatePipeline.schedule`, and trains as usual::
+One process per pipeline stage (single-stage schedules: ``ScheduleGPipe``, ``Schedule1F1B``). Each process calls
+:func:`make_private_pipeline` on its stage module and optimizer, builds its schedule with ``private.schedule(...)``,
+pads Poisson batches to fixed-size chunks with :func:`fixed_size_chunks`, and trains as usual.
 
-    private = make_private_pipeline(stage_module, optimizer, stage_index=rank, num_stages=world,
-                                    grouping="per-device", max_grad_norm=1.0, noise_multiplier=1.0,
-                                    batch_size=256, data_size=len(dataset))
-    schedule = private.schedule(ScheduleGPipe, n_microbatches=4, loss_fn=loss_fn)   # loss_fn: reduction="sum"
-    for x, y in private.poisson_loader(dataset):                  # the same Poisson batches on every stage
-        for xs, ys in zip(fixed_size_chunks(x, 64), fixed_size_chunks(y, 64, fill=-100)):
-            schedule.step(xs) if private.stage.is_first else schedule.step(target=ys)
-        optimizer.step()                                          # noise on this stage's parameters, once
-        optimizer.zero_grad()
+* ``"per-device"`` (or any grouping whose groups each lie within one stage): each stage clips its own groups inside
+  its own backward; no per-sample norm crosses stages.
+* ``"all-layer"``: one group over every stage; clipping is deferred to the end of the schedule's step, when one
+  all-reduce of the per-sample squared norms gives every stage the global norms.
 
-Groupings:
-
-* ``"per-device"`` -- each stage's parameters are one group (He et al.). Each stage clips its own part inside its
-  own backward: no per-sample norm crosses stages. Any grouping whose every group lies within one stage works
-  the same way: ``"layer-wise"``, ``"param-wise"``, explicit patterns (``{group: [patterns]}`` over the stages'
-  parameter names) or a callable ``(name, param) -> group``.
-* ``"all-layer"`` -- one group over every stage. A stage cannot clip inside its backward: the per-sample norm needs
-  the other stages' parts, and for a microbatch the upstream stages' backward has not run yet (a collective there
-  would deadlock the pipeline). So each stage keeps every microbatch's contributions until the schedule's step
-  ends; then one all-reduce (SUM) of all the step's per-sample squared norms (``4`` or ``8`` bytes per sample,
-  plus a 32-byte header checking the stages agree on the microbatches) gives every stage the global norms, and
-  each stage writes its clipped sums. Memory: the kept tensors of all microbatches, as all-layer clipping keeps
-  every layer's in one process.
-
-Noise: at ``optimizer.step()`` every stage adds ``N(0, sigma^2 S^2)`` to its own parameters only (every coordinate
-gets noise once; independent seeds per stage) where ``S = sqrt(sum_k R_k^2)`` is the GLOBAL sensitivity over all
-stages' groups (the thresholds are exchanged once at set-up), then divides by the expected batch size. Every stage
-keeps the same accountant ledger, so ``epsilon()`` is equal everywhere. A step is refused on every stage together
-(one 2-value all-reduce) if any stage had a non-finite norm.
-
-Batches: the P2P buffers of ``torch.distributed.pipelining`` have fixed shapes, but Poisson batches vary in size.
-:func:`fixed_size_chunks` pads a batch to whole chunks of one physical size; padded rows must contribute zero
-gradient -- e.g. targets ``-100`` with ``cross_entropy(..., ignore_index=-100, reduction="sum")`` and
-``loss_reduction="sum"`` -- so their per-sample gradients are zero and change nothing. Several chunks of one
-logical batch accumulate (one ``schedule.step`` each) before the one ``optimizer.step()``.
-
-Parameter names: the stages' ``named_parameters()`` names identify parameters across the pipeline, so they must be
-distinct across stages (keep the full model's names, e.g. delete the other stages' layers from a full model, or
-name the ``nn.Sequential`` children by their global index). A name on two stages is refused (it would be a
-parameter present on two stages, e.g. tied embeddings split across the first and last stage).
-
-Set-up errors (a group spanning stages, a parameter on two stages, stages disagreeing on privacy settings, bad
-arguments on one stage) raise :class:`~groupclip.errors.DistributedSetupError` on every stage, never on one alone.
-During training groupclip raises only at points every stage reaches together (the end of the schedule's step, the
-step flags at ``optimizer.step()``); an exception elsewhere in one stage (e.g. in the user's loss) leaves the others
-waiting in the schedule's P2P, as with plain ``torch.distributed.pipelining``.
-
-Not supported (refused with a message): multi-stage-per-rank and zero-bubble schedules (split input / weight
-backwards), ``scale_grads=True``, int (execution-order) groupings. Not provided: adaptive thresholds and
-checkpointing (``state_dict``) for pipelines. The stage's shape-inference run (when ``input_args`` /
-``output_args`` are not given) happens with the engine suspended, so it is no training pass.
+Each stage adds noise to its own parameters, scaled by the GLOBAL sensitivity over every stage's groups. Set-up
+errors are raised on every stage together. Usage, batches and padding, parameter names, what is not supported:
+``docs/DISTRIBUTED.md``, section "Pipeline stages"; the mathematics: ``docs/MATH.md``, section "Distributed
+training".
 """
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -70,22 +27,22 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, ScheduleGPipe
-from torch.utils.data import DataLoader, Dataset
 
-from ..accounting import AccountantKind, PrivacyAccountant
-from ..clipping import ClipFunction, resolve_thresholds
-from ..engine import ClippingEngine, ClipReport, LossReduction, NormMode
-from ..errors import DistributedSetupError, NonFiniteNormError, PassError
-from ..grouping import trainable_parameters
-from ..noise import GaussianNoise
-from ..sampling import poisson_loader
+from ..accounting import AccountantKind
+from ..clipping import ClipFunction, resolve_thresholds, sensitivity
+from ..engine import ClippingEngine, LossReduction, NormMode
+from ..errors import DistributedSetupError, PassError
+from ..private import PrivateTraining, build_private
+from ..setup_checks import check_seed
+from ..topology import Topology
 from . import data_parallel as dp
 from .agreement import check_agreement
 from .pipeline_setup import PipelineGrouping, check_layout, gather, locally, prepare_stage, raise_if_errors, stage_seed
 
 
 class PrivatePipelineStage(PipelineStage):
-    """A :class:`~torch.distributed.pipelining.PipelineStage` whose module is clipped by a :class:`PrivatePipeline`.
+    """A :class:`~torch.distributed.pipelining.PipelineStage` whose module is clipped by a
+    :class:`PipelineStageTopology`.
 
     It runs the shape inference of dynamic stages with the engine suspended, refuses split (zero-bubble) backwards
     and gradient scaling by the schedule, and clips all-layer groups when the schedule's step ends.
@@ -93,14 +50,14 @@ class PrivatePipelineStage(PipelineStage):
 
     def __init__(self, submodule: nn.Module, stage_index: int, num_stages: int, device, *, private, **kwargs) -> None:
         super().__init__(submodule, stage_index, num_stages, device, **kwargs)
-        self._private = private
+        self._topology = private
 
     def _prepare_forward_infra(self, *args: Any, **kwargs: Any):
-        with self._private.engine.suspended():  # shape inference: a run of the module that is no training pass
+        with self._topology.engine.suspended():  # shape inference: a run of the module that is no training pass
             return super()._prepare_forward_infra(*args, **kwargs)
 
     def _prepare_backward_infra(self, *args: Any, **kwargs: Any):
-        with self._private.engine.suspended():
+        with self._topology.engine.suspended():
             return super()._prepare_backward_infra(*args, **kwargs)
 
     def backward_one_chunk(self, bwd_chunk_id: int, loss=None, full_backward: bool = True, last_backward=False):
@@ -118,84 +75,66 @@ class PrivatePipelineStage(PipelineStage):
             raise DistributedSetupError(
                 "The pipeline schedule scales gradients (scale_grads=True); groupclip divides the noisy clipped sum "
                 "by the expected batch size at optimizer.step(). Build the schedule with scale_grads=False "
-                "(PrivatePipeline.schedule does)."
+                "(private.schedule(...) does)."
             )
         super().perform_reduce_grad(1)
-        self._private._end_of_schedule_step()
+        self._topology.end_of_schedule_step()
 
 
-class PrivatePipeline:
-    """The DP side of one pipeline stage: engine hooks, optimizer hooks (noise, accountant), the stage object.
+class PipelineStageTopology(Topology):
+    """One pipeline stage per process: each stage steps its own parameters and adds their noise; the sensitivity is
+    the GLOBAL one over every stage's groups; all-layer groups are clipped when the schedule's step ends.
 
-    Build it with :func:`make_private_pipeline`. Attributes: ``engine``, ``stage`` (a :class:`PrivatePipelineStage`),
-    ``accountant``, ``noise_multiplier``, ``sample_rate``, ``expected_batch_size``, ``sensitivity`` (the GLOBAL
-    ``S``), ``stage_thresholds`` (every stage's ``{group: R_k}``), ``all_layer``, ``steps``, ``last_metrics`` and
-    ``communication`` (bytes, seconds and calls of groupclip's own collectives during training, not counting the
-    schedule's activation / gradient P2P traffic).
+    Reached through the :class:`~groupclip.PrivateTraining` it serves: ``private.schedule(...)``,
+    ``private.stage``, ``private.stage_thresholds``, ``private.communication`` (bytes, seconds and calls of
+    groupclip's own collectives, not counting the schedule's P2P traffic).
     """
+
+    name = "pipeline-stage"
+    exports = ("schedule", "stage", "stage_thresholds", "communication", "stage_index", "num_stages", "all_layer")
 
     def __init__(
         self,
-        module: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        engine: ClippingEngine,
         *,
         stage_index: int,
         num_stages: int,
         device: torch.device,
         stage_kwargs: Mapping[str, Any],
         all_layer: bool,
-        noise_multiplier: float,
-        sample_rate: float,
-        expected_batch_size: float,
-        delta: float,
-        accountant: AccountantKind,
-        seed: int,
-        secure_noise: bool,
         group: dist.ProcessGroup | None,
     ) -> None:
-        self.module = module
-        self.optimizer = optimizer
-        self.engine = engine
-        self.stage_index = stage_index
-        self.num_stages = num_stages
+        self.rank, self.world_size = dp.require_process_group(group)
+        self.stage_index, self.num_stages, self.device = stage_index, num_stages, device
+        self.stage_kwargs = dict(stage_kwargs)
         self.all_layer = all_layer
-        self.stage_thresholds: list[dict[str, float]] = []
-        self.sensitivity = math.nan  # the global S, from every stage's thresholds (set_stage_thresholds)
-        self.noise_multiplier = noise_multiplier
-        self.sample_rate = sample_rate
-        self.expected_batch_size = expected_batch_size
-        self.delta = delta
-        self.accountant = PrivacyAccountant(accountant)
-        self.seed = seed
-        self.noise = GaussianNoise(seed=stage_seed(seed, stage_index), secure=secure_noise)
         self.group = group
-        self.steps = 0
-        self.last_metrics: dict[str, Any] = {}
+        self.stage_thresholds: list[dict[str, float]] = []
         self.communication = {"bytes": 0, "seconds": 0.0, "calls": 0}
-        self._params = list(trainable_parameters(module).values())
-        self._nonfinite_seen = engine.nonfinite_passes
-        self._rows = 0
-        self._clipped: dict[str, float] = {}
+        self.stage: PrivatePipelineStage | None = None
+
+    def noise_seed(self, seed: int | None) -> int | None:
+        return None if seed is None else stage_seed(seed, self.stage_index)
+
+    def shared_seed(self, seed: int | None) -> int:
+        return dp.shared_seed(seed, self.group)  # every stage draws the same Poisson batches
+
+    def bind(self, engine: ClippingEngine, params: list[nn.Parameter]) -> None:
+        super().bind(engine, params)
         engine.concurrent_passes = True  # the schedule runs several microbatch forwards before their backwards
-        engine.defer_clipping = all_layer
-        engine.defer_nonfinite_error = True  # never raise inside the schedule (the other stages would hang)
-        self.stage = PrivatePipelineStage(module, stage_index, num_stages, device, private=self, **stage_kwargs)
-        self._handles = [
-            engine.add_report_hook(self._on_report),
-            optimizer.register_step_pre_hook(self._before_step),
-            optimizer.register_step_post_hook(self._after_step),
-        ]
+        engine.defer_clipping = self.all_layer
+        self.stage = PrivatePipelineStage(
+            engine.model, self.stage_index, self.num_stages, self.device, private=self, **self.stage_kwargs
+        )
 
     def set_stage_thresholds(self, stage_thresholds: list[dict[str, float]]) -> None:
-        """Every stage's ``{group: R_k}`` (gathered once at set-up); sets the global sensitivity ``S``."""
+        """Every stage's ``{group: R_k}`` (gathered once at set-up)."""
         self.stage_thresholds = [dict(t) for t in stage_thresholds]
-        if self.all_layer:  # one group shared by every stage: its R counts once
-            self.sensitivity = float(stage_thresholds[0]["all"])
-        else:  # disjoint groups
-            self.sensitivity = math.sqrt(sum(r * r for t in stage_thresholds for r in t.values()))
 
-    # ------------------------------------------------------------------ the loop
+    def sensitivity(self) -> float:
+        if self.all_layer:  # one group shared by every stage: its R counts once
+            return float(self.stage_thresholds[0]["all"])
+        return sensitivity({f"{k}/{g}": r for k, t in enumerate(self.stage_thresholds) for g, r in t.items()})
+
     def schedule(
         self,
         schedule_class: type[PipelineScheduleSingle] = ScheduleGPipe,
@@ -204,7 +143,7 @@ class PrivatePipeline:
         loss_fn: Callable[..., Tensor],
         **kwargs: Any,
     ) -> PipelineScheduleSingle:
-        """``schedule_class(self.stage, n_microbatches, loss_fn=loss_fn, scale_grads=False, **kwargs)``.
+        """``schedule_class(stage, n_microbatches, loss_fn=loss_fn, scale_grads=False, **kwargs)``.
 
         ``loss_fn(output, target)`` is the loss of one microbatch, reduced as declared by ``loss_reduction``.
         """
@@ -216,24 +155,6 @@ class PrivatePipeline:
         if kwargs.pop("scale_grads", False):
             raise DistributedSetupError("scale_grads=True: groupclip divides by the expected batch size itself.")
         return schedule_class(self.stage, n_microbatches, loss_fn=loss_fn, scale_grads=False, **kwargs)
-
-    def poisson_loader(self, dataset: Dataset, **loader_kwargs: Any) -> DataLoader:
-        """A Poisson-sampling loader at this run's rate: every stage draws the same batches (shared seed)."""
-        return poisson_loader(dataset, self.sample_rate, seed=self.seed + 1, **loader_kwargs)
-
-    def epsilon(self, delta: float | None = None) -> float:
-        """Epsilon spent so far at ``delta`` (default: the run's); the same on every stage."""
-        return self.accountant.epsilon(self.delta if delta is None else delta)
-
-    def detach(self) -> None:
-        """Remove the optimizer hooks and detach the engine (the stage module trains non-privately afterwards)."""
-        try:
-            for handle in self._handles:
-                handle.remove()
-        finally:
-            self._handles = []
-            if self.engine.attached:
-                self.engine.detach()
 
     # ------------------------------------------------------------------ collectives
     def _all_reduce(self, tensor: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
@@ -262,58 +183,19 @@ class PrivatePipeline:
         if header[0] > 0:
             self.engine.clip_deferred(lambda flat: self._all_reduce(flat.contiguous()))
 
-    def _end_of_schedule_step(self) -> None:
+    def end_of_schedule_step(self) -> None:
         if self.all_layer:
             self._clip_deferred()
 
-    # ------------------------------------------------------------------ hooks
-    def _on_report(self, report: ClipReport) -> None:
-        self._rows += report.batch_size
-        for group, factors in report.clip_factors.items():
-            self._clipped[group] = self._clipped.get(group, 0.0) + float((factors < 1).sum())
-
-    def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        failed = self.engine.nonfinite_passes != self._nonfinite_seen or any(
-            p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in self._params
-        )
-        flags = self._all_reduce(
-            torch.tensor([float(failed), float(self.engine.deferred_passes > 0)], dtype=torch.float64),
-            dist.ReduceOp.MAX,
-        )
-        if flags[1] > 0:  # backwards run outside a schedule step (e.g. by hand): clip them now, on every stage
-            self._clip_deferred()
-            failed = bool(flags[0] > 0) or self.engine.nonfinite_passes != self._nonfinite_seen
-            failed = bool(self._all_reduce(torch.tensor([float(failed)], dtype=torch.float64), dist.ReduceOp.MAX)[0])
-        else:
-            failed = bool(flags[0] > 0)
-        self._nonfinite_seen = self.engine.nonfinite_passes
-        if failed:
-            self._rows, self._clipped = 0, {}
-            raise NonFiniteNormError(
-                "A pipeline stage had non-finite per-sample norms (or a non-finite clipped sum) in this batch; the "
-                "step was not taken on any stage (parameters, optimizer state, accountant unchanged). Call "
-                "optimizer.zero_grad() on every stage and continue with the next batch."
+    def finish_gradients(self, noise: Any, std: float, expected_batch_size: float) -> None:
+        if self.all_layer:
+            # backwards run outside a schedule step (e.g. by hand) are clipped now, on every stage together
+            pending = self._all_reduce(
+                torch.tensor([float(self.engine.deferred_passes > 0)], dtype=torch.float64), dist.ReduceOp.MAX
             )
-        std = self.noise_multiplier * self.sensitivity
-        self._noise_std = std
-        with torch.no_grad():
-            for p in self._params:
-                noise = self.noise.sample(p.shape, std, dtype=p.dtype, device=p.device)
-                grad = noise if p.grad is None else p.grad.add_(noise)
-                p.grad = grad.div_(self.expected_batch_size)
-
-    def _after_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        self.accountant.step(self.noise_multiplier, self.sample_rate)
-        self.steps += 1
-        self.last_metrics = {
-            "step": self.steps,
-            "noise_std": self._noise_std,
-            "sensitivity": self.sensitivity,
-            "thresholds": dict(self.engine.thresholds),
-            "rows": self._rows,  # padded rows included
-            "clipped_rows": dict(self._clipped),
-        }
-        self._rows, self._clipped = 0, {}
+            if pending[0] > 0:
+                self._clip_deferred()
+        super().finish_gradients(noise, std, expected_batch_size)
 
 
 def make_private_pipeline(
@@ -338,16 +220,17 @@ def make_private_pipeline(
     batch_size: int | None = None,
     data_size: int | None = None,
     accountant: AccountantKind = "rdp",
+    noise_seed: int | None = None,
     seed: int | None = None,
     secure_noise: bool = False,
     group: dist.ProcessGroup | None = None,
     input_args: Tensor | tuple[Tensor, ...] | None = None,
     output_args: Tensor | tuple[Tensor, ...] | None = None,
-) -> PrivatePipeline:
+) -> PrivateTraining:
     """Make one pipeline stage train with DP; call it on every stage's process (collective).
 
     Args:
-        module: this stage's module (parameter names distinct across stages, see the module docstring).
+        module: this stage's module (parameter names distinct across stages, see ``docs/DISTRIBUTED.md``).
         optimizer: this stage's optimizer, over exactly the module's trainable parameters.
         stage_index, num_stages: this stage and the pipeline length; stage ``i`` runs on rank ``i`` of ``group``.
         device: the stage's device (``PipelineStage``'s).
@@ -359,14 +242,15 @@ def make_private_pipeline(
         loss_reduction: of ``loss_fn`` over one microbatch; default ``"sum"`` (padding with zero-gradient rows
             needs it).
         noise_multiplier, target_epsilon, target_delta, epochs, steps, sample_rate, batch_size, data_size,
-            accountant, seed, secure_noise: as for :func:`~groupclip.make_private` (``batch_size`` is the expected
+            accountant, noise_seed, secure_noise: as for :func:`~groupclip.make_private` (``batch_size`` is the expected
             logical batch size, over all chunks and microbatches).
         group: the pipeline's process group (default: the world).
         input_args, output_args: example stage inputs / outputs for ``PipelineStage`` (optional: shapes are
             inferred otherwise, with the engine suspended).
 
     Returns:
-        The :class:`PrivatePipeline`, attached. Call ``detach()`` in a ``finally``.
+        The :class:`~groupclip.PrivateTraining` (topology :class:`PipelineStageTopology`), attached. Call
+        ``detach()`` in a ``finally``.
 
     Raises:
         DistributedSetupError: on every stage, for a group spanning stages, a parameter name on two stages, stages
@@ -415,7 +299,8 @@ def make_private_pipeline(
     )
     gathered = gather({"error": local_error, "layout": prepared.get("layout")}, group)
     raise_if_errors([g["error"] for g in gathered], "set-up")
-    seed = dp.shared_seed(seed, group)
+    plan = prepared["plan"]
+    noise_seed = check_seed("noise_seed", noise_seed if noise_seed is not None else seed)
     check_agreement(
         {
             "num_stages": num_stages,
@@ -424,13 +309,8 @@ def make_private_pipeline(
             "clip_fn": clip_fn if isinstance(clip_fn, str) else type(clip_fn).__qualname__,
             "clip_options": dict(clip_options or {}),
             "loss_reduction": loss_reduction,
-            "noise_multiplier": prepared["noise_multiplier"],
-            "sample_rate": prepared["sample_rate"],
-            "data_size": data_size,
-            "delta": prepared["delta"],
-            "accountant": accountant,
-            "planned_steps": prepared["planned"],
-            "seed": seed,
+            "plan": repr(plan),
+            "seeded": noise_seed is not None,
             "secure_noise": secure_noise,
         },
         what="privacy settings of the pipeline stages",
@@ -442,7 +322,15 @@ def make_private_pipeline(
         thresholds_of = {"all": float(max_grad_norm)} if not isinstance(max_grad_norm, Mapping) else max_grad_norm
     else:
         thresholds_of = max_grad_norm
-    box: list[PrivatePipeline] = []
+    topology = PipelineStageTopology(
+        stage_index=stage_index,
+        num_stages=num_stages,
+        device=torch.device(device),
+        stage_kwargs={"input_args": input_args, "output_args": output_args, "group": group},
+        all_layer=all_layer,
+        group=group,
+    )
+    box: list[PrivateTraining] = []
 
     def build() -> None:
         everything = resolve_thresholds(global_groups, thresholds_of)
@@ -455,39 +343,16 @@ def make_private_pipeline(
             clip_options=clip_options,
             loss_reduction=loss_reduction,
             norm_mode=norm_mode,
+            nonfinite="drop",
         )
-        engine.attach()
-        try:
-            box.append(
-                PrivatePipeline(
-                    module,
-                    optimizer,
-                    engine,
-                    stage_index=stage_index,
-                    num_stages=num_stages,
-                    device=torch.device(device),
-                    stage_kwargs={"input_args": input_args, "output_args": output_args, "group": group},
-                    all_layer=all_layer,
-                    noise_multiplier=prepared["noise_multiplier"],
-                    sample_rate=prepared["sample_rate"],
-                    expected_batch_size=prepared["sample_rate"] * data_size,
-                    delta=prepared["delta"],
-                    accountant=accountant,
-                    seed=seed,
-                    secure_noise=secure_noise,
-                    group=group,
-                )
-            )
-        except BaseException:
-            engine.detach()
-            raise
+        box.append(build_private(module, optimizer, engine, plan, topology, noise_seed, secure_noise, None))
 
     error = locally(build)
     # The one exchange of thresholds: every stage learns every group's R_k, hence the global sensitivity.
     gathered = gather({"error": error, "thresholds": box[0].engine.thresholds if box else None}, group)
     try:
         raise_if_errors([g["error"] for g in gathered], "engine set-up")
-        box[0].set_stage_thresholds([g["thresholds"] for g in gathered])
+        topology.set_stage_thresholds([g["thresholds"] for g in gathered])
     except BaseException:
         if box:
             box[0].detach()
@@ -499,7 +364,8 @@ def fixed_size_chunks(batch: Tensor, size: int, fill: float = 0) -> list[Tensor]
     """Split ``batch`` (batch on dim 0) into chunks of exactly ``size`` rows, the last padded with ``fill``.
 
     Always at least one chunk (an empty Poisson batch gives one chunk of padding). Every stage gets the same number
-    of chunks for the same batch. Padded rows must get zero gradient from the loss (see the module docstring).
+    of chunks for the same batch. Padded rows must get zero gradient from the loss (see ``docs/DISTRIBUTED.md``,
+    section "Pipeline stages").
 
     Example:
         >>> [c.tolist() for c in fixed_size_chunks(torch.tensor([1, 2, 3]), 2, fill=-100)]
@@ -517,4 +383,4 @@ def fixed_size_chunks(batch: Tensor, size: int, fill: float = 0) -> list[Tensor]
     return chunks
 
 
-__all__ = ["PrivatePipeline", "PrivatePipelineStage", "fixed_size_chunks", "make_private_pipeline"]
+__all__ = ["PipelineStageTopology", "PrivatePipelineStage", "fixed_size_chunks", "make_private_pipeline"]

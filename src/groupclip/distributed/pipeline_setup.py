@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import DistributedSetupError
 from ..grouping import _matcher, parameter_aliases, resolve_grouping, trainable_parameters
-from ..private import resolve_privacy_settings
+from ..privacy_plan import plan_privacy
 from . import data_parallel as dp
 
 PipelineGrouping = str | Mapping[str, Sequence[str]] | Sequence[Sequence[str]] | Callable[[str, nn.Parameter], Any]
@@ -78,17 +78,12 @@ def prepare_stage(
             f"(missing: {[n for n, p in trainable.items() if id(p) not in held]}, "
             f"foreign: {len(held - {id(p) for p in trainable.values()})} tensor(s))."
         )
-    privacy = resolve_privacy_settings(
-        noise_multiplier, target_epsilon, target_delta, epochs, steps, sample_rate, batch_size, data_size, accountant
-    )
+    plan = plan_privacy(
+        noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, target_delta=target_delta, epochs=epochs,
+        steps=steps, sample_rate=sample_rate, batch_size=batch_size, data_size=data_size, accountant=accountant,
+    )  # fmt: skip
     groups, matched = local_groups(module, grouping, stage_index)
-    return {
-        "noise_multiplier": float(privacy["noise_multiplier"]),
-        "sample_rate": float(privacy["sample_rate"]),
-        "delta": float(privacy["delta"]),
-        "planned": privacy["planned_steps"],
-        "layout": {"names": list(trainable), "groups": groups, "matched": matched},
-    }
+    return {"plan": plan, "layout": {"names": list(trainable), "groups": groups, "matched": matched}}
 
 
 def local_groups(

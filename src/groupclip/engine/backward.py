@@ -10,7 +10,8 @@ the uses whose taps will run. As taps fire:
 * a group whose last parameter is complete is *ready*; the groups a use makes ready are clipped together in one
   *event* -- one finiteness check and one clip-factor computation for all of them -- and their clipped sums are
   written straight into gradient buffers;
-* at the end of the backward pass the rest is clipped and the buffers become the parameters' ``.grad``.
+* at the end of the backward pass the rest is clipped and the buffers become the parameters' ``.grad``
+  (:mod:`groupclip.engine.gradient_write`).
 
 A non-finite per-sample norm gives that sample the factor 0 in that group (its contribution is dropped, the others
 are kept); with ``nonfinite="raise"`` the pass then writes nothing and raises instead.
@@ -24,12 +25,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ..errors import NonFiniteNormError, PassError
+from ..errors import PassError
 from ..norms.contributions import Factored, FactorSum, Instantiated, combine_uses, compute_dtype
 from .compute import shaped_for_norm, use_contributions
+from .gradient_write import commit
 from .memory import MemoryLedger
 from .plan import is_finite_sum, spans
-from .report import ClipReport
 from .trace import Trace, Use
 
 if TYPE_CHECKING:
@@ -319,61 +320,7 @@ class BackwardState:
             engine.deferred.append(self)
             return
         self.clip(list(range(len(self.plan.groups))))
-        self.commit()
-
-    def commit(self) -> None:
-        """Write the clipped sums into ``.grad`` (or the grad sink), then report; or refuse on non-finite norms."""
-        engine = self.engine
-        engine.peak_held_bytes = max(engine.peak_held_bytes, self.ledger.peak_held_bytes, engine.ledger.peak_held_bytes)
-        if not self.checks_events and not is_finite_sum(self.sq):
-            finite = torch.isfinite(self.sq)
-            self.dropped = {r: ~finite[r] for r in range(len(self.plan.groups)) if not bool(finite[r].all())}
-        if self.dropped and engine.nonfinite == "raise":
-            engine.nonfinite_passes += 1
-            if engine.grad_sink is not None:
-                engine.grad_sink(None)
-            if engine.defer_nonfinite_error:
-                return
-            detail = "; ".join(
-                f"group {self.plan.groups[r]!r}: samples {torch.nonzero(m).flatten().tolist()}"
-                for r, m in self.dropped.items()
-            )
-            raise NonFiniteNormError(
-                f"Non-finite per-sample gradient norms ({detail}); no gradient was written. "
-                "Check the loss and inputs of those samples (NaN/inf) or lower the lr."
-            )
-        plan = self.plan
-        written = [(plan.params[key], buffer) for key, buffer in self.buffers.items()]
-        if engine.grad_sink is not None:
-            started = engine.grad_sink(written)
-        else:
-            started = all(p.grad is None for p in plan.params.values())
-            adds, into = [], []
-            for p, view in written:
-                if view.dtype != p.dtype:
-                    view = view.to(p.dtype)
-                if p.grad is None:
-                    p.grad = view
-                else:
-                    into.append(p.grad)
-                    adds.append(view)
-            if into:
-                torch._foreach_add_(into, adds)
-        self.buffers = {}
-        engine.report(self.report(started))
-
-    def report(self, started_fresh: bool) -> ClipReport:
-        return ClipReport(
-            batch_size=self.batch,
-            groups=self.plan.groups,
-            thresholds=dict(self.engine.thresholds),
-            threshold_column=self.column,
-            normalized_squares=self.sq,
-            factors=self.factors,
-            peak_held_bytes=self.ledger.peak_held_bytes,
-            activation_bytes=sum(t.activation_bytes for t in self.traces),
-            started_fresh=started_fresh,
-        )
+        commit(self)
 
     # ------------------------------------------------------------------ deferred clipping (pipeline stages)
     def squared_norms(self) -> Tensor:
@@ -385,4 +332,4 @@ class BackwardState:
         column = self.engine.threshold_column().square()
         self.sq = (squared_norms.to(self.sq) / column).contiguous()
         self.clip(list(range(len(self.plan.groups))))
-        self.commit()
+        commit(self)

@@ -131,6 +131,10 @@ class ClippingEngine(Lifecycle, MeetingMixin):
         # Pipeline stages: defer_clipping keeps finished passes unclipped until clip_deferred() gets the per-sample
         # norms summed over the stages. (Several forward passes may always await their backward at once.)
         self.defer_clipping = False
+        # Loss scaling (a GradScaler): grad_scale() is the factor the loss was multiplied by before backward, read
+        # once per pass; per-sample norms are divided by it (clipping acts on the unscaled gradients) and the
+        # clipped sums keep it, for the scaler's unscale_ to divide.
+        self.grad_scale: Callable[[], float] | None = None
         self.concurrent_passes = True  # kept for compatibility: every engine allows it now
         self.deferred: list[BackwardState] = []
         self.ledger = MemoryLedger()
@@ -301,6 +305,7 @@ class ClippingEngine(Lifecycle, MeetingMixin):
         self.grouping = grouping
         self.thresholds = resolve_thresholds(list(grouping.groups), self.max_grad_norm)
         self.plan = Plan(grouping, self._trainable())
+        self.plan.grad_scale = lambda: self.grad_scale() if self.grad_scale is not None else 1.0
 
     def _require_grouping(self) -> None:
         if self.grouping is None:

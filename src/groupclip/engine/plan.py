@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -42,9 +42,15 @@ class Plan:
         self.norm_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
         first = next(iter(self.params.values()))
         self.norm_device = first.device
+        # The factor the loss was multiplied by before backward (a GradScaler's scale), read once per pass: norms are
+        # divided by it, the clipped sums keep it (the scaler's unscale_ divides them). None: 1.
+        self.grad_scale: Callable[[], float] | None = None
 
     def scales(self, thresholds: Mapping[str, float], loss_scale: float) -> list[float]:
-        """Per row: ``loss_scale^2 / R_k^2``, so the buffer holds squared norms in units of the threshold."""
+        """Per row: ``(loss_scale / grad_scale)^2 / R_k^2``, so the buffer holds squared norms (of the per-sample
+        losses, unscaled) in units of the threshold."""
+        if self.grad_scale is not None:
+            loss_scale = loss_scale / self.grad_scale()
         return [loss_scale**2 / thresholds[g] ** 2 for g in self.groups]
 
     def threshold_column(self, thresholds: Mapping[str, float]) -> Tensor:

@@ -82,6 +82,17 @@ class ClipReport:
     def clip_factors(self) -> Mapping[str, Tensor]:
         return Rows(self.factors, self.groups)
 
+    def within_thresholds(self) -> Tensor:
+        """``[groups, B]``: true where a sample's norm is within its group's threshold (false if not finite)."""
+        return self._normalized <= 1
+
+    def statistics(self) -> Tensor:
+        """``[3, groups]`` float64 on the norms' device: samples clipped (factor < 1), the sum of factors, and
+        samples dropped for a non-finite norm -- a few ops, no synchronisation."""
+        clipped = (self.factors < 1).sum(1, dtype=torch.float64)
+        dropped = (~torch.isfinite(self._normalized)).sum(1, dtype=torch.float64)
+        return torch.stack([clipped, self.factors.sum(1, dtype=torch.float64), dropped])
+
     @cached_property
     def dropped(self) -> dict[str, list[int]]:
         bad = ~torch.isfinite(self._normalized)

@@ -1,19 +1,21 @@
 """Per-sample rules for ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d``.
 
 The input is padded as the layer pads it and unfolded into patches, after which a convolution is a linear
-layer per group of channels with T = number of output positions (MATH.md §2). Any stride, padding (numbers,
-``"same"``/``"valid"``, every ``padding_mode``), dilation and ``groups`` is supported.
+layer per group of channels with T = number of output positions (``docs/MATH.md``, section "Per-sample norms of a
+layer"). Any stride, padding (numbers, ``"same"``/``"valid"``, every ``padding_mode``), dilation and ``groups`` is
+supported.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .contributions import Contribution, Factored, FactorSum, Instantiated
-from .registry import register_layer
+from .registry import FactorShape, LayerCost, register_layer
 
 
 def unfold_patches(module: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
@@ -64,5 +66,18 @@ def conv_contributions(
     return out
 
 
+def conv_shape(module: nn.modules.conv._ConvNd, activation: Tensor, output: Tensor, batch: int) -> FactorShape:
+    """``T`` = output positions, per group: ``p`` = input channels x kernel size, ``d`` = output channels."""
+    groups = module.groups
+    return FactorShape(
+        steps=output[0, 0].numel() if output.dim() > 2 else 1,
+        cols=module.in_channels // groups * math.prod(module.kernel_size),
+        rows=module.out_channels // groups,
+        blocks=groups,
+    )
+
+
+CONV_COST = LayerCost("factored", shape=conv_shape, operand="derived")  # the unfolded patches
+
 for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-    register_layer(_conv, rows="first", trailing=lambda m: 0)(conv_contributions)
+    register_layer(_conv, rows="first", trailing=lambda m: 0, cost=CONV_COST)(conv_contributions)

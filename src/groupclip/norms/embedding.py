@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..errors import UnsupportedModuleError
 from .contributions import Indexed
-from .registry import register_layer
+from .registry import FactorShape, LayerCost, register_layer
 
 
 def _check_embedding(module: nn.Module, path: str) -> None:
@@ -29,7 +29,16 @@ def _check_embedding(module: nn.Module, path: str) -> None:
         )
 
 
-@register_layer(nn.Embedding, check=_check_embedding, trailing=lambda m: 0)
+def embedding_shape(module: nn.Embedding, activation: Tensor, output: Tensor, batch: int) -> FactorShape:
+    """``T`` = indices per sample into ``d`` = ``num_embeddings`` rows of ``p`` = ``embedding_dim``."""
+    cols = module.embedding_dim
+    return FactorShape(steps=max(1, output.numel() // (batch * cols)), cols=cols, rows=module.num_embeddings)
+
+
+EMBEDDING_COST = LayerCost("indexed", shape=embedding_shape, operand="input")  # the index tensor
+
+
+@register_layer(nn.Embedding, check=_check_embedding, trailing=lambda m: 0, cost=EMBEDDING_COST)
 def embedding(module: nn.Embedding, activation: Tensor, grad_output: Tensor, wanted: Collection[str]):
     if "weight" not in wanted:
         return {}

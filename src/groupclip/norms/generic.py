@@ -22,6 +22,10 @@ from torch.func import functional_call, vjp, vmap
 
 from ..dataflow.layout import sample_ids
 from .contributions import Instantiated
+from .registry import LayerCost
+
+# How the planner costs a module without a rule: per-sample gradients of each parameter, instantiated.
+GENERIC_COST = LayerCost("instantiated")
 
 # Upper bound on the bytes of masked cotangents materialised at once by the per-sample vmap.
 COTANGENT_BUDGET_BYTES = 256 * 2**20

@@ -12,7 +12,7 @@ from collections.abc import Collection
 from torch import Tensor, nn
 
 from .contributions import Contribution, Factored, FactorSum
-from .registry import register_layer, registered_types
+from .registry import FactorShape, LayerCost, register_layer, registered_types
 
 
 def _as_sequence(t: Tensor, features: int) -> Tensor:
@@ -39,7 +39,18 @@ def linear_contributions(
     return out
 
 
-@register_layer(nn.Linear, right_is_input=True, trailing=lambda m: 1)
+def linear_shape(module: nn.Module, activation: Tensor, output: Tensor, batch: int) -> FactorShape:
+    """``T`` (every non-batch, non-feature input dim), ``p`` = input features, ``d`` = output features."""
+    cols = activation.shape[-1]
+    per_sample = activation.shape[0] == batch if activation.dim() > 1 else False
+    steps = max(1, activation.numel() // (batch * cols)) if per_sample else max(1, activation.numel() // max(cols, 1))
+    return FactorShape(steps=steps, cols=cols, rows=output.shape[-1])
+
+
+LINEAR_COST = LayerCost("factored", shape=linear_shape, operand="input")
+
+
+@register_layer(nn.Linear, right_is_input=True, trailing=lambda m: 1, cost=LINEAR_COST)
 def linear(module: nn.Linear, activation: Tensor, grad_output: Tensor, wanted: Collection[str]):
     return linear_contributions(module.weight.shape, activation, grad_output, wanted, transposed=False)
 
@@ -56,6 +67,6 @@ def register_transformers_layers() -> None:
     if Conv1D is None or Conv1D in registered_types():
         return
 
-    @register_layer(Conv1D, trailing=lambda m: 1)
+    @register_layer(Conv1D, trailing=lambda m: 1, cost=LINEAR_COST)
     def hf_conv1d(module: nn.Module, activation: Tensor, grad_output: Tensor, wanted: Collection[str]):
         return linear_contributions(module.weight.shape, activation, grad_output, wanted, transposed=True)

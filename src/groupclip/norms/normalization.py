@@ -1,7 +1,8 @@
 """Per-sample rules for normalization layers with affine parameters.
 
 For ``y = xhat * weight + bias`` the per-sample gradients are formed exactly and cheaply: weight
-``sum over positions of xhat * g``, bias ``sum of g`` (MATH.md §2). ``xhat`` is recomputed from the saved input.
+``sum over positions of xhat * g``, bias ``sum of g`` (``docs/MATH.md``, section "Per-sample norms of a layer").
+``xhat`` is recomputed from the saved input.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .contributions import Contribution, Instantiated
-from .registry import register_layer
+from .registry import LayerCost, register_layer
+
+# weight and bias per-sample gradients from one reduction, side by side in one tensor (see _affine)
+AFFINE_COST = LayerCost("instantiated", stacked=True)
 
 
 def _affine(xhat: Tensor, g: Tensor, param_dims: int, channel_dim: int | None, wanted) -> dict[str, Contribution]:
@@ -35,21 +39,21 @@ def _affine(xhat: Tensor, g: Tensor, param_dims: int, channel_dim: int | None, w
     return out
 
 
-@register_layer(nn.LayerNorm, trailing=lambda m: len(m.normalized_shape))
+@register_layer(nn.LayerNorm, trailing=lambda m: len(m.normalized_shape), cost=AFFINE_COST)
 def layer_norm(module: nn.LayerNorm, activation: Tensor, grad_output: Tensor, wanted: Collection[str]):
     with torch.no_grad():
         xhat = F.layer_norm(activation, module.normalized_shape, None, None, module.eps)
     return _affine(xhat, grad_output, len(module.normalized_shape), None, wanted)
 
 
-@register_layer(nn.RMSNorm, trailing=lambda m: len(m.normalized_shape))
+@register_layer(nn.RMSNorm, trailing=lambda m: len(m.normalized_shape), cost=AFFINE_COST)
 def rms_norm(module: nn.RMSNorm, activation: Tensor, grad_output: Tensor, wanted: Collection[str]):
     with torch.no_grad():
         xhat = F.rms_norm(activation, module.normalized_shape, None, module.eps)
     return _affine(xhat, grad_output, len(module.normalized_shape), None, wanted)
 
 
-@register_layer(nn.GroupNorm, rows="first", trailing=lambda m: 0)
+@register_layer(nn.GroupNorm, rows="first", trailing=lambda m: 0, cost=AFFINE_COST)
 def group_norm(module: nn.GroupNorm, activation: Tensor, grad_output: Tensor, wanted: Collection[str]):
     with torch.no_grad():
         xhat = F.group_norm(activation, module.num_groups, None, None, module.eps)
@@ -73,4 +77,4 @@ def instance_norm(module: nn.modules.instancenorm._InstanceNorm, activation: Ten
 
 
 for _norm in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
-    register_layer(_norm, rows="first", trailing=lambda m: 0)(instance_norm)
+    register_layer(_norm, rows="first", trailing=lambda m: 0, cost=AFFINE_COST)(instance_norm)

@@ -12,12 +12,17 @@ parameters. Register a rule for a new layer type with :func:`register_layer`::
 
 Every module that owns trainable parameters and has no rule is handled by the exact generic fallback
 (:mod:`groupclip.norms.generic`), so no parameter is ever dropped; a rule only makes a layer cheaper.
+
+A rule may also declare its :class:`LayerCost` (``register_layer(MyLinear, cost=LayerCost("factored", shape=...))``):
+the form of its per-sample gradients, from which the planner (:mod:`groupclip.planning`) predicts the layer's FLOPs
+and the bytes the engine keeps for it. A rule without one is costed as instantiating its per-sample gradients.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from typing import Literal
 
 from torch import Tensor, nn
 
@@ -25,6 +30,64 @@ from .contributions import Contribution
 
 RuleFn = Callable[[nn.Module, Tensor, Tensor, Collection[str]], dict[str, Contribution]]
 CheckFn = Callable[[nn.Module, str], None]
+CostForm = Literal["factored", "indexed", "instantiated"]
+COST_FORMS = ("factored", "indexed", "instantiated")
+
+
+@dataclass(frozen=True)
+class FactorShape:
+    """Per-sample sizes of one call's factored (or indexed) per-sample gradient.
+
+    Attributes:
+        steps: ``T``, the positions summed over (1 for a plain ``[B, p]`` input).
+        cols: ``p``, input-side features per block (Embedding: the embedding dim).
+        rows: ``d``, output-side features per block (Embedding: the number of rows).
+        blocks: independent blocks (a grouped convolution's ``groups``).
+    """
+
+    steps: int
+    cols: int
+    rows: int
+    blocks: int = 1
+
+
+ShapeFn = Callable[[nn.Module, Tensor, Tensor, int], FactorShape]
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """The form of a rule's per-sample gradients, as the planner's cost model needs it.
+
+    Attributes:
+        form: ``"factored"``: the weight's per-sample gradient is a sum over ``T`` positions of outer products of
+            an output-side (``d``) and an input-side (``p``) factor per block (Linear, convolutions), so the engine
+            keeps both factors for a ghost norm when ``2 T^2 < p d`` and instantiates otherwise; a bias is the
+            sum of the output-side factor. ``"indexed"``: ``T`` indices into the ``rows`` of a ``[rows, cols]``
+            weight (Embedding). ``"instantiated"``: per-sample gradients of every parameter formed at once
+            (normalization layers, the generic fallback).
+        shape: ``(module, input, output, batch) -> FactorShape`` for ``"factored"`` and ``"indexed"``, from the
+            layer's first input tensor and its output in one call with ``batch`` samples.
+        operand: ``"input"``: the input-side factor is the layer's input tensor itself (reshaped), so the engine
+            keeps that storage, once for every layer reading it; ``"derived"``: a new tensor of ``T * p * blocks``
+            elements per sample made from it (a convolution's unfolded patches).
+        stacked: ``"instantiated"`` only: the weight's and the bias's per-sample gradients are formed side by side in
+            one tensor (normalization layers), kept once for both.
+    """
+
+    form: CostForm
+    shape: ShapeFn | None = None
+    operand: str = "input"
+    stacked: bool = False
+
+    def __post_init__(self) -> None:
+        if self.form not in COST_FORMS:
+            raise ValueError(f"Expected LayerCost form={self.form!r} in {COST_FORMS}.")
+        if self.form != "instantiated" and self.shape is None:
+            raise ValueError(
+                f"LayerCost(form={self.form!r}) needs shape=: a function (module, input, output, batch) -> FactorShape."
+            )
+        if self.operand not in ("input", "derived"):
+            raise ValueError(f"Expected LayerCost operand={self.operand!r} in ('input', 'derived').")
 
 
 @dataclass(frozen=True)
@@ -48,6 +111,8 @@ class LayerRule:
             dims, Embedding 0; ignored for ``rows="first"``). Given, it declares that the output keeps the input's
             layout whenever the samples lie in the other dims (dim 0 for ``rows="first"``), so such calls run
             untracked inside: a faster forward pass. Leave None if that is not so.
+        cost: the form of the per-sample gradients for the planner's cost model (:class:`LayerCost`); None: costed
+            as instantiated per-sample gradients of each parameter.
 
     Whatever the model's layout, the rule sees the layer's own tensors with its batch dim first; when the samples
     are folded into that dim (``[B*T, d]``) the engine regroups the contributions by sample afterwards.
@@ -59,6 +124,7 @@ class LayerRule:
     right_is_input: bool = False
     rows: str = "leading"
     trailing: Callable[[nn.Module], int] | None = None
+    cost: LayerCost | None = None
 
 
 _RULES: dict[type[nn.Module], LayerRule] = {}
@@ -71,13 +137,19 @@ def register_layer(
     right_is_input: bool = False,
     rows: str = "leading",
     trailing: Callable[[nn.Module], int] | None = None,
+    cost: LayerCost | None = None,
 ) -> Callable[[RuleFn], RuleFn]:
-    """Decorator registering ``fn`` as the per-sample rule of ``module_type`` (replacing any earlier one)."""
+    """Decorator registering ``fn`` as the per-sample rule of ``module_type`` (replacing any earlier one).
+
+    The keyword arguments are the :class:`LayerRule` attributes of the same names.
+    """
     if rows not in ("leading", "first"):
         raise ValueError(f"Expected rows={rows!r} in ('leading', 'first').")
+    if cost is not None and not isinstance(cost, LayerCost):
+        raise TypeError(f"Expected cost= a groupclip.norms.LayerCost or None; got {type(cost).__name__}.")
 
     def decorate(fn: RuleFn) -> RuleFn:
-        _RULES[module_type] = LayerRule(module_type, fn, check, right_is_input, rows, trailing)
+        _RULES[module_type] = LayerRule(module_type, fn, check, right_is_input, rows, trailing, cost)
         return fn
 
     return decorate

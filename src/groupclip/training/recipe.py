@@ -5,8 +5,15 @@
     print(recipe_to_toml(recipe))                                    # the resolved recipe, as written to a run folder
 
 Every field can be overridden with ``section.field=value``; values are parsed as TOML literals where they parse
-(``8``, ``1e-5``, ``true``) and taken as strings otherwise (``layer-wise``). The ``data`` and ``model`` sections
-are free-form: their keys are checked by the task that reads them.
+(``8``, ``1e-5``, ``true``) and taken as strings otherwise (``layer-wise``); ``none`` (or ``null``) unsets a field
+that may be unset (``privacy.noise_multiplier=none``). The ``data`` and ``model`` sections are free-form: their keys
+are checked by the task that reads them. Values are range-checked when a recipe is built (``privacy.epsilon > 0``,
+``schedule.batch_size >= 1``, a known ``clipping.clip_fn``, ...), so a bad value is an error naming the field before
+any data is loaded.
+
+The privacy budget is stated once: ``privacy.epsilon`` (a target; the noise multiplier is calibrated to reach it)
+or ``privacy.noise_multiplier`` (fixed; epsilon is computed), never both. An override that sets one unsets the
+other, so ``privacy.epsilon=8`` on a recipe with a fixed noise multiplier calibrates the noise for epsilon 8.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import json
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -28,8 +36,11 @@ class RecipeError(GroupClipError, ValueError):
 
 @dataclass
 class PrivacyConfig:
-    """``epsilon`` > 0 calibrates the noise multiplier (unless ``noise_multiplier`` is given); ``private = false``
-    trains the same model without DP (shuffled fixed-size batches, no clipping, no noise).
+    """Exactly one of ``epsilon`` and ``noise_multiplier`` is set: ``epsilon`` > 0 is a target (the noise multiplier
+    is calibrated to reach it over the planned steps), ``noise_multiplier`` >= 0 is fixed (epsilon is computed). A
+    recipe that gives neither (or unsets both) targets epsilon 3; one that gives ``noise_multiplier`` alone has
+    ``epsilon = None``; one that gives both is an error. ``private = false`` trains the same model without DP
+    (shuffled fixed-size batches, no clipping, no noise).
 
     ``noise_seed`` (unset by default): the noise is secret, its generator seeded from OS entropy -- NOT from
     ``run.seed``, which is written into the run folder. An int makes the noise reproducible: anyone who knows it
@@ -37,7 +48,7 @@ class PrivacyConfig:
     (``final.json`` records ``"noise": "reproducible (seeded)"``)."""
 
     private: bool = True
-    epsilon: float = 3.0
+    epsilon: float | None = 3.0
     delta: float = 1e-5
     noise_multiplier: float | None = None
     accountant: str = "rdp"
@@ -126,6 +137,8 @@ _SECTIONS = {
     "run": RunConfig,
 }
 _FREE_SECTIONS = ("data", "model")
+# The two ways of stating a private run's budget: exactly one is set.
+PRIVACY_BUDGET_FIELDS = ("privacy.epsilon", "privacy.noise_multiplier")
 _TOP_LEVEL = ("name", "task", "description")
 
 
@@ -177,7 +190,93 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> Recipe:
         if bad:
             raise RecipeError(f"{source}: unknown key(s) {bad} in [{section}]; it has {sorted(names)}.")
         kwargs[section] = cls(**{k: _checked(f"{section}.{k}", names[k], v, source) for k, v in value.items()})
-    return Recipe(**kwargs)
+    _resolve_privacy_budget(kwargs["privacy"], raw.get("privacy", {}), source)
+    recipe = Recipe(**kwargs)
+    _check_ranges(recipe, source)
+    return recipe
+
+
+def _resolve_privacy_budget(privacy: PrivacyConfig, given: dict[str, Any], source: str) -> None:
+    """Exactly one of ``epsilon`` (target) and ``noise_multiplier`` (fixed) states the budget of a private run."""
+    epsilon, sigma = given.get("epsilon"), given.get("noise_multiplier")
+    if epsilon is not None and sigma is not None:
+        raise RecipeError(
+            f"{source}: [privacy] sets both epsilon = {epsilon!r} and noise_multiplier = {sigma!r}; set exactly one: "
+            "epsilon (a target: the noise multiplier is calibrated to reach it) or noise_multiplier (fixed: epsilon "
+            "is computed)."
+        )
+    if sigma is not None and "epsilon" not in given:
+        privacy.epsilon = None  # a fixed noise multiplier: the default target epsilon does not apply
+    if privacy.epsilon is None and privacy.noise_multiplier is None:  # neither given, or both unset
+        privacy.epsilon = PrivacyConfig.epsilon  # the default target
+
+
+def _check_ranges(recipe: Recipe, source: str) -> None:
+    """Range checks of the typed fields: an error names ``section.field``, the value given and what is allowed."""
+    from ..clipping import get_clip_function
+    from ..engine.settings import NORM_MODES
+    from ..grouping import NAMED_GROUPINGS
+    from ..privacy_plan import ACCOUNTANTS
+
+    def fail(key: str, value: Any, expected: str) -> None:
+        raise RecipeError(f"{source}: {key} = {value!r}: expected {expected}.")
+
+    def number(key: str, value: Any, low: float, *, inclusive: bool = False, high: float | None = None) -> None:
+        if value is None:
+            return
+        ok = math.isfinite(value) and (value >= low if inclusive else value > low)
+        if high is not None:
+            ok = ok and value < high
+        if not ok:
+            bound = f"in ({low:g}, {high:g})" if high is not None else f"{'>=' if inclusive else '>'} {low:g}"
+            fail(key, value, f"a finite number {bound}")
+
+    privacy, clipping, optimizer = recipe.privacy, recipe.clipping, recipe.optimizer
+    schedule, run = recipe.schedule, recipe.run
+    number("privacy.epsilon", privacy.epsilon, 0)
+    number("privacy.noise_multiplier", privacy.noise_multiplier, 0, inclusive=True)
+    number("privacy.delta", privacy.delta, 0, high=1)
+    if privacy.accountant not in ACCOUNTANTS:
+        fail("privacy.accountant", privacy.accountant, " or ".join(map(repr, ACCOUNTANTS)))
+    grouping = clipping.grouping
+    if isinstance(grouping, str) and grouping.isdigit():
+        grouping = int(grouping)
+    if isinstance(grouping, int) and grouping < 1:
+        fail("clipping.grouping", clipping.grouping, "a number of blocks M >= 1")
+    if isinstance(grouping, str) and grouping not in NAMED_GROUPINGS:
+        fail("clipping.grouping", clipping.grouping, f"one of {', '.join(NAMED_GROUPINGS)}, or a number of blocks M")
+    try:
+        get_clip_function(clipping.clip_fn)
+    except (ValueError, TypeError):
+        fail(
+            "clipping.clip_fn",
+            clipping.clip_fn,
+            "'abadi' or 'automatic' (or a name registered with groupclip.clipping.register_clip_function)",
+        )
+    number("clipping.max_grad_norm", clipping.max_grad_norm, 0)
+    number("clipping.target_quantile", clipping.target_quantile, 0, high=1)
+    number("clipping.adaptive_lr", clipping.adaptive_lr, 0)
+    number("clipping.automatic_gamma", clipping.automatic_gamma, 0)
+    if clipping.norm_mode not in NORM_MODES:
+        fail("clipping.norm_mode", clipping.norm_mode, " or ".join(map(repr, NORM_MODES)))
+    number("optimizer.lr", optimizer.lr, 0, inclusive=True)
+    number("optimizer.momentum", optimizer.momentum, 0, inclusive=True)
+    number("optimizer.weight_decay", optimizer.weight_decay, 0, inclusive=True)
+    if len(optimizer.betas) != 2 or not all(0 <= beta < 1 for beta in optimizer.betas):
+        fail("optimizer.betas", optimizer.betas, "two numbers in [0, 1), e.g. [0.9, 0.999]")
+    number("schedule.epochs", schedule.epochs, 0)
+    for key, value, low in (
+        ("schedule.batch_size", schedule.batch_size, 1),
+        ("schedule.physical_batch_size", schedule.physical_batch_size, 1),
+        ("schedule.warmup_steps", schedule.warmup_steps, 0),
+        ("schedule.eval_every", schedule.eval_every, 0),
+        ("schedule.max_steps", schedule.max_steps, 0),
+        ("run.threads", run.threads, 0),
+        ("run.checkpoint_every", run.checkpoint_every, -1),
+    ):
+        if value < low:
+            fail(key, value, f"a whole number >= {low}")
+    number("run.collective_timeout", run.collective_timeout, 0)
 
 
 def _checked(key: str, spec: dataclasses.Field, value: Any, source: str) -> Any:
@@ -194,7 +293,7 @@ def _checked(key: str, spec: dataclasses.Field, value: Any, source: str) -> Any:
     }.get(kind, True)
     if not ok:
         raise RecipeError(f"{source}: {key} = {value!r} should be of type {kind}.")
-    if kind == "float" and isinstance(value, int):
+    if kind in ("float", "float | None") and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
 
@@ -210,9 +309,24 @@ def parse_value(text: str) -> Any:
 def apply_overrides(recipe: Recipe, overrides: list[str] | dict[str, Any]) -> Recipe:
     """A copy of ``recipe`` with ``section.field=value`` overrides applied (checked like the file itself)."""
     pairs = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides]
-    raw = recipe_to_dict(recipe)
+    given: dict[str, Any] = {}
     for key, value in pairs:
         value = parse_value(value) if isinstance(value, str) else value
+        if isinstance(value, str) and value.lower() in ("none", "null") and _may_be_unset(key):
+            value = None
+        given[key] = value
+    raw = recipe_to_dict(recipe)
+    budget = [key for key in PRIVACY_BUDGET_FIELDS if given.get(key) is not None]
+    if len(budget) == 2:
+        a, b = PRIVACY_BUDGET_FIELDS
+        raise RecipeError(
+            f"Overrides {a}={given[a]!r} and {b}={given[b]!r}: set one of them, not both (epsilon is a target that "
+            "calibrates the noise multiplier; a fixed noise multiplier determines epsilon)."
+        )
+    if budget:  # setting one unsets the other, unless the overrides also name it
+        other = next(key for key in PRIVACY_BUDGET_FIELDS if key != budget[0])
+        given.setdefault(other, None)
+    for key, value in given.items():
         parts = key.split(".")
         if len(parts) == 1 and parts[0] in _TOP_LEVEL:
             raw[parts[0]] = value
@@ -225,6 +339,13 @@ def apply_overrides(recipe: Recipe, overrides: list[str] | dict[str, Any]) -> Re
             sections = ", ".join([*_SECTIONS, *_FREE_SECTIONS])
             raise RecipeError(f"Override {key!r}: expected section.field with a section in ({sections}).")
     return recipe_from_dict(raw, "overrides")
+
+
+def _may_be_unset(key: str) -> bool:
+    """Whether the typed field ``section.field`` accepts None (``none`` / ``null`` in an override)."""
+    section, _, name = key.partition(".")
+    fields = {f.name: f for f in dataclasses.fields(_SECTIONS[section])} if section in _SECTIONS else {}
+    return name in fields and str(fields[name].type).endswith("| None")
 
 
 def _split(override: str) -> tuple[str, str]:
@@ -260,14 +381,56 @@ def recipe_differences(saved: dict[str, Any], given: dict[str, Any]) -> list[tup
     return out
 
 
-def recipe_to_toml(recipe: Recipe) -> str:
-    """The resolved recipe as TOML (``None`` fields are left out, so they read back as their defaults)."""
+def recipe_to_toml(recipe: Recipe, comments: dict[str, str] | None = None) -> str:
+    """The resolved recipe as TOML (``None`` fields are left out, so they read back as their defaults; a recipe
+    with a fixed noise multiplier reads back with ``epsilon = None``). ``comments`` maps ``section.field`` to a
+    comment written after that field's value."""
+    comments = comments or {}
     raw = recipe_to_dict(recipe)
     lines = [f"{k} = {_toml_value(raw[k])}" for k in _TOP_LEVEL]
     for section in (*_FREE_SECTIONS, *_SECTIONS):
         lines += ["", f"[{section}]"]
-        lines += [f"{k} = {_toml_value(v)}" for k, v in raw[section].items() if v is not None]
+        for k, v in raw[section].items():
+            if v is not None:
+                note = comments.get(f"{section}.{k}")
+                lines.append(f"{k} = {_toml_value(v)}" + (f"  # {' '.join(note.split())}" if note else ""))
     return "\n".join(lines) + "\n"
+
+
+def privacy_budget_note(recipe: Recipe, data_size: int | None) -> tuple[str, str] | None:
+    """``(section.field, note)``: which of ``privacy.epsilon`` / ``privacy.noise_multiplier`` states the budget of
+    a private recipe, and what it implies for ``data_size`` training examples (None: not known yet): the calibrated
+    noise multiplier of a target epsilon, or the epsilon a fixed noise multiplier gives after the planned steps.
+    None for a non-private recipe. Raises the privacy plan's errors (an unreachable epsilon, a batch larger than
+    the data)."""
+    from ..accounting import compute_epsilon
+    from ..privacy_plan import plan_privacy
+
+    privacy, schedule = recipe.privacy, recipe.schedule
+    if not privacy.private:
+        return None
+    if privacy.noise_multiplier is None:
+        key = "privacy.epsilon"
+        if data_size is None:
+            return key, "target: the noise multiplier is calibrated to it when the training set is loaded"
+    else:
+        key = "privacy.noise_multiplier"
+        if data_size is None:
+            return key, "fixed: epsilon is computed from it when the training set is loaded"
+    plan = plan_privacy(
+        noise_multiplier=privacy.noise_multiplier,
+        target_epsilon=privacy.epsilon if privacy.noise_multiplier is None else None,
+        target_delta=privacy.delta,
+        epochs=schedule.epochs,
+        batch_size=schedule.batch_size,
+        data_size=data_size,
+        accountant=privacy.accountant,
+    )
+    steps = f"{plan.planned_steps} steps (sample rate {plan.sample_rate:.4g}, N = {data_size})"
+    if key == "privacy.epsilon":
+        return key, f"target: noise multiplier calibrated to {plan.noise_multiplier:.4g} over {steps}"
+    eps = compute_epsilon(plan.noise_multiplier, plan.sample_rate, plan.planned_steps, plan.delta, plan.accountant)
+    return key, f"fixed: epsilon {eps:.4g} at delta {plan.delta:g} after {steps}, computed ({plan.accountant.upper()})"
 
 
 def _toml_value(value: Any) -> str:

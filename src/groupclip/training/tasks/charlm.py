@@ -7,7 +7,7 @@ over its block, so it is O(1) like a classification loss and clipping thresholds
 ``[data]`` (defaults in :data:`DATA_DEFAULTS`):
     ``name``: ``"shakespeare"`` (the only corpus).
     ``block_size``: context length T (each sample is T + 1 characters).
-    ``val_fraction``: the held-out tail of the text (see :func:`groupclip.datasets.load_shakespeare`).
+    ``val_fraction``: the held-out tail of the text (see :func:`groupclip.training.datasets.load_shakespeare`).
     ``plays``: 0 = all 38 plays; n > 0 = only the first n (quick runs, tests).
     ``train_chars``: 0 = the whole training split; n > 0 = only its first n characters.
     ``val_chars``: 0 = the whole validation split (~530k characters for all plays); n > 0 = only its first n
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from ...datasets import CharCorpus, load_shakespeare
+from ..datasets import CharCorpus, load_shakespeare
 from ..recipe import RecipeError
 from . import TaskSetup, model_device, register_task, take_options, to_device
 

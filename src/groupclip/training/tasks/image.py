@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from ...datasets import TensorSplit, load_fashion_mnist, load_mnist5k
+from ..datasets import TensorSplit, load_fashion_mnist, load_mnist5k
 from ..recipe import RecipeError
 from . import TaskSetup, model_device, register_task, take_options
 

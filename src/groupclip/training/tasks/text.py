@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ...datasets import TextSplit, load_rotten_tomatoes, minilm_path
+from ..datasets import TextSplit, load_rotten_tomatoes, minilm_path
 from ..recipe import RecipeError
 from . import TaskSetup, model_device, register_task, take_options, to_device
 
