@@ -323,6 +323,29 @@ def test_clip_function_breaking_its_bound_refused_and_nothing_written():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_clip_function_whose_fast_form_breaks_its_bound_is_refused():
+    # The many-groups ``normalized`` form of a user's function is checked like its plain form (only the built-ins,
+    # bound_proven, are trusted).
+    bad = ClipFunction(
+        "double-fast",
+        lambda norms, r: torch.full_like(norms, 2.0),
+        normalized=lambda q, r, out: torch.full_like(q, 2.0),
+    )
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    with ClippingEngine(model, grouping="layer-wise", clip_fn=bad, max_grad_norm=1e-3):
+        with pytest.raises(ValueError, match="broke its bound"):
+            model(torch.randn(3, 4)).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    fine = ClipFunction(
+        "half-fast",
+        lambda norms, r: torch.full_like(norms, 0.5) * (norms <= r),
+        normalized=lambda q, r, out: 0.5 * (q <= 1).to(q.dtype),
+    )
+    with ClippingEngine(model, grouping="layer-wise", clip_fn=fine, max_grad_norm=1e-3):
+        model(torch.randn(3, 4)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_custom_clip_function_respecting_bound_is_used():
     torch.manual_seed(0)
     hard = ClipFunction("hard-zero", lambda norms, r: (norms <= r).to(norms.dtype))

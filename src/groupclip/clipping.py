@@ -17,7 +17,7 @@ Adding one: decorate a factory with :func:`register_clip_function` and pass its 
 
 The engine checks the bound ``C * ||g|| <= R`` on every group a registered clip function clips, so a wrong clip
 function fails loudly instead of breaking the privacy guarantee -- unless the function declares ``bound_proven``
-or supplies the many-groups ``normalized`` form, which the engine trusts and does not check.
+(the built-ins), which the engine trusts. A user's ``normalized`` form is checked the same way.
 """
 
 from __future__ import annotations

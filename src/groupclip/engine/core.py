@@ -239,7 +239,16 @@ class ClippingEngine(Lifecycle, MeetingMixin):
         if fn.normalized is not None:
             if fn.needs_thresholds:
                 column = (column if column is not None else self.threshold_column())[rows]
-            return fn.normalized(sq, column, out)
+            factors = fn.normalized(sq, column, out)
+            if not fn.bound_proven:  # a user's fast form is checked like any user function: C * ||g|| / R <= 1
+                scaled = factors * sq.clamp_min(0).sqrt()
+                if not bool((scaled <= 1 + 1e-5)[torch.isfinite(scaled)].all()):
+                    names = self.plan.groups[rows]
+                    raise ValueError(
+                        f"Clip function {fn.name!r} broke its bound on group(s) {names}: C * ||g|| exceeds R; a clip "
+                        "function must return factors with C * norm <= R."
+                    )
+            return factors
         factors = []
         for k, row in enumerate(range(rows.start, rows.stop)):
             threshold = self.thresholds[self.plan.groups[row]]
