@@ -70,6 +70,7 @@ def _one_line_error(argv: list[str], capsys, *names: str) -> str:
         (["--physical-batch-size", "-4"], ["--physical-batch-size", "-4"]),
         (["--epochs", "0"], ["--epochs", "got 0"]),
         (["--clip-fn", "abadii"], ["--clip-fn", "'abadii'", "abadi, automatic"]),
+        (["--set", "clipping.adaptive_rescale=nope"], ["clipping.adaptive_rescale", "'total'", "'none'"]),
         (["--norm-mode", "fast"], ["--norm-mode", "'fast'", "auto, ghost, instantiate"]),
         (["--optimizer", "lamb"], ["--optimizer", "'lamb'", "sgd, adam, adamw"]),
         (["--grouping", "0"], ["--grouping", "'0'", "layer-wise"]),

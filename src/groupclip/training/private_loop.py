@@ -64,7 +64,11 @@ class PrivateLoop(TrainingLoop):
         super().__init__(recipe, setup, launch)
         privacy, clipping = recipe.privacy, recipe.clipping
         adaptive = (
-            AdaptiveClipping(target_quantile=clipping.target_quantile, learning_rate=clipping.adaptive_lr)
+            AdaptiveClipping(
+                target_quantile=clipping.target_quantile,
+                learning_rate=clipping.adaptive_lr,
+                rescale=clipping.adaptive_rescale,
+            )
             if clipping.adaptive
             else None
         )

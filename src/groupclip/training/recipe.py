@@ -27,6 +27,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..adaptive import RESCALE_MODES
 from ..errors import GroupClipError
 
 
@@ -60,7 +61,8 @@ class ClippingConfig:
     """``grouping``: all-layer | layer-wise | param-wise | an int M (M blocks in execution order).
 
     ``max_grad_norm`` is the total threshold R (each of M groups gets R/sqrt(M)); ``adaptive`` tracks the
-    ``target_quantile`` of each group's norms (learning rate ``adaptive_lr``); ``clip_fn`` abadi | automatic."""
+    ``target_quantile`` of each group's norms (learning rate ``adaptive_lr``; ``adaptive_rescale``: auto | total |
+    none, see :class:`groupclip.AdaptiveClipping`); ``clip_fn`` abadi | automatic."""
 
     grouping: str | int = "all-layer"
     clip_fn: str = "abadi"
@@ -68,6 +70,7 @@ class ClippingConfig:
     adaptive: bool = False
     target_quantile: float = 0.5
     adaptive_lr: float = 0.2
+    adaptive_rescale: str = "auto"
     automatic_gamma: float = 0.01
     norm_mode: str = "auto"
 
@@ -256,6 +259,8 @@ def _check_ranges(recipe: Recipe, source: str) -> None:
     number("clipping.max_grad_norm", clipping.max_grad_norm, 0)
     number("clipping.target_quantile", clipping.target_quantile, 0, high=1)
     number("clipping.adaptive_lr", clipping.adaptive_lr, 0)
+    if clipping.adaptive_rescale not in RESCALE_MODES:
+        fail("clipping.adaptive_rescale", clipping.adaptive_rescale, " or ".join(map(repr, RESCALE_MODES)))
     number("clipping.automatic_gamma", clipping.automatic_gamma, 0)
     if clipping.norm_mode not in NORM_MODES:
         fail("clipping.norm_mode", clipping.norm_mode, " or ".join(map(repr, NORM_MODES)))
