@@ -27,7 +27,7 @@ letting the scaler skip the step: a skip decided by the data, without noise, is 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -114,18 +114,17 @@ class PrivateTraining:
         self.sampler: PoissonBatchSampler | None = None
         self._open_round = False  # a round was drawn (and charged) since the last step
         self.grad_scaler: torch.amp.GradScaler | None = None
-        self._undo_eager = run_eagerly_under_compile(model)
         self.stats = StepStatistics(list(engine.thresholds) if engine.grouping is not None else None)
         self._handles: list = []
-        topology.bind(engine, list(trainable_parameters(model).values()))
-        self.guard = GradientGuard(topology.params, engine.parameter_name)
-        self.guard.scaled = lambda: self.grad_scaler is not None and self.grad_scaler.is_enabled()
-        try:
-            self._handles = [
-                engine.add_report_hook(self._on_report),
-                optimizer.register_step_pre_hook(self._before_step),
-                optimizer.register_step_post_hook(self._after_step),
-            ]
+        self._undo_eager: Callable[[], None] = lambda: None
+        try:  # everything installed below is removed again if any of it fails
+            self._undo_eager = run_eagerly_under_compile(model)
+            topology.bind(engine, list(trainable_parameters(model).values()))
+            self.guard = GradientGuard(topology.params, engine.parameter_name)
+            self.guard.scaled = lambda: self.grad_scaler is not None and self.grad_scaler.is_enabled()
+            self._handles.append(engine.add_report_hook(self._on_report))
+            self._handles.append(optimizer.register_step_pre_hook(self._before_step))
+            self._handles.append(optimizer.register_step_post_hook(self._after_step))
         except BaseException:
             self.detach()
             raise
@@ -286,10 +285,11 @@ class PrivateTraining:
             for handle in self._handles:
                 handle.remove()
             self.topology.unbind()
-            self.engine.grad_scale = None
-            self._undo_eager()
         finally:
             self._handles = []
+            self.engine.grad_scale = None
+            self._undo_eager()
+            self._undo_eager = lambda: None
             if self.engine.attached:
                 self.engine.detach()
 

@@ -767,3 +767,24 @@ def test_contradicting_sample_rate_and_batch_size_refused():
             batch_size=50,
             data_size=100,
         )
+
+
+def test_a_failing_set_up_leaves_model_optimizer_and_engine_as_they_were():
+    # A topology whose bind fails half-way: nothing make_private installed may stay behind.
+    from groupclip.topology import Topology
+
+    class Failing(Topology):
+        def bind(self, engine, params):
+            super().bind(engine, params)
+            raise RuntimeError("bind failed")
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="bind failed"):
+        make_private(model, opt, noise_multiplier=1.0, batch_size=4, data_size=40, topology=Failing())
+    assert "_call_impl" not in model.__dict__  # the compile shim is undone
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert [p.requires_grad for p in model.parameters()] == flags
+    make_private(model, opt, noise_multiplier=1.0, batch_size=4, data_size=40)  # and it can be attached again
