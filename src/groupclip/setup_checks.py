@@ -45,10 +45,13 @@ def check_model(model: object) -> None:
         )
 
 
-def check_optimizer(model: nn.Module, optimizer: object) -> torch.optim.Optimizer:
-    """``optimizer`` is a ``torch.optim.Optimizer`` over exactly the model's trainable parameters; returns it, or
-    the optimizer a wrapper holds as ``.optimizer`` (Accelerate's ``AcceleratedOptimizer``: its ``step()`` calls
-    the inner one, whose hooks then run)."""
+def unwrap_optimizer(optimizer: object) -> object:
+    """The optimizer a wrapper holds as ``.optimizer``, at any depth (Accelerate's ``AcceleratedOptimizer``: its
+    ``step()`` calls the inner one, whose hooks then run); anything else as is.
+
+    Raises:
+        ValueError: a wrapper that steps through a GradScaler (fp16): per-sample norms would be of scaled gradients.
+    """
     # A wrapper (possibly itself an Optimizer subclass that skipped __init__) steps the optimizer it holds.
     inner = getattr(optimizer, "optimizer", None)
     while isinstance(inner, torch.optim.Optimizer) and inner is not optimizer:
@@ -59,6 +62,13 @@ def check_optimizer(model: nn.Module, optimizer: object) -> torch.optim.Optimize
                 "mixed precision."
             )
         optimizer, inner = inner, getattr(inner, "optimizer", None)
+    return optimizer
+
+
+def check_optimizer(model: nn.Module, optimizer: object) -> torch.optim.Optimizer:
+    """``optimizer`` is a ``torch.optim.Optimizer`` over exactly the model's trainable parameters; returns it, or
+    the one a wrapper holds (:func:`unwrap_optimizer`)."""
+    optimizer = unwrap_optimizer(optimizer)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
             f"Expected optimizer to be a torch.optim.Optimizer (e.g. torch.optim.AdamW(model.parameters())); got "

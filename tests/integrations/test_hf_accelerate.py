@@ -2,8 +2,7 @@
 
 * make_private then prepare, and prepare then make_private_accelerated, both take exactly the steps of the plain
   loop (same seeds, Poisson batches, physical batches, noise), on CPU;
-* prepare then the core make_private: works once make_private unwraps the AcceleratedOptimizer with
-  ``unwrap_optimizer`` (expected to fail with AttributeError until then);
+* prepare then the core make_private: make_private unwraps the AcceleratedOptimizer itself and takes the same steps;
 * gradient accumulation in the accelerator, fp16 loss scaling and several processes are refused with the fix.
 """
 

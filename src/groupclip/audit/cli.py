@@ -186,7 +186,8 @@ def _print_result(result: AuditResult) -> None:
         print(f"per-group bounds     {parts}")
 
 
-def _write(result: AuditResult, out: Path) -> list[Path]:
+def _write(result: Any, out: Path, title: str) -> list[Path]:
+    """``out/audit.json`` and ``out/scores.png`` (when matplotlib is there) of an audit or a recipe audit."""
     out.mkdir(parents=True, exist_ok=True)
     report_path = out / "audit.json"
     report_path.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
@@ -194,7 +195,6 @@ def _write(result: AuditResult, out: Path) -> list[Path]:
     try:
         from .plot import plot_scores
 
-        title = f"{result.config.kind} audit, plant={result.config.plant}"
         written.append(plot_scores(result.scores, result.included, out / "scores.png", title=title))
     except ImportError as err:
         print(f"groupclip audit: no plot ({err})", file=sys.stderr)
@@ -234,26 +234,11 @@ def _run_recipe(args: argparse.Namespace) -> int:
     print(report.summary())
     if args.out is not None:
         try:
-            written = _write_recipe(result, args.out)
+            written = _write(result, args.out, f"black-box audit of recipe {result.recipe}")
         except OSError as err:
             return _fail(f"cannot write to {args.out}: {err.strerror or err}", 2)
         print("wrote " + ", ".join(str(p) for p in written))
     return 1 if report.contradicted else 0
-
-
-def _write_recipe(result: Any, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    report_path = out / "audit.json"
-    report_path.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-    written = [report_path]
-    try:
-        from .plot import plot_scores
-
-        title = f"black-box audit of recipe {result.recipe}"
-        written.append(plot_scores(result.scores, result.included, out / "scores.png", title=title))
-    except ImportError as err:
-        print(f"groupclip audit: no plot ({err})", file=sys.stderr)
-    return written
 
 
 def run(args: argparse.Namespace) -> int:
@@ -271,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
     _print_result(result)
     if args.out is not None:
         try:
-            paths = _write(result, args.out)
+            paths = _write(result, args.out, f"{result.config.kind} audit, plant={result.config.plant}")
         except OSError as err:
             return _fail(f"cannot write to {args.out}: {err.strerror or err}", 2)
         print("wrote " + ", ".join(str(p) for p in paths))

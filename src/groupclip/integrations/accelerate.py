@@ -46,8 +46,9 @@ import torch
 from torch import nn
 
 from ..errors import GroupClipError
+from ..setup_checks import unwrap_optimizer as unwrap_optimizer_core
 
-if TYPE_CHECKING:  # groupclip.private may import this module (unwrap_optimizer): no import of it at load time
+if TYPE_CHECKING:
     from ..private import PrivateTraining
 
 __all__ = ["AccelerateSetupError", "check_accelerator", "make_private_accelerated", "unwrap_optimizer"]
@@ -57,34 +58,24 @@ class AccelerateSetupError(GroupClipError, ValueError):
     """An Accelerate setting that cannot give a correct DP run (the message names it and the fix)."""
 
 
-def _accelerated_optimizer_class() -> type | None:
-    try:
-        from accelerate.optimizer import AcceleratedOptimizer
-    except ImportError:
-        return None
-    return AcceleratedOptimizer
-
-
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The torch optimizer inside Accelerate's ``AcceleratedOptimizer`` (at any depth); any other optimizer as is.
 
-    Safe to call without Accelerate installed. (``make_private`` unwraps such wrappers on its own too, generically,
-    so that ``make_private`` after ``accelerator.prepare`` hooks the optimizer that actually steps.)
+    :func:`groupclip.setup_checks.unwrap_optimizer` (which ``make_private`` applies too) with Accelerate's fix in the
+    error. Safe to call without Accelerate installed.
 
     Raises:
         AccelerateSetupError: the wrapper steps through a ``GradScaler`` (``mixed_precision="fp16"``): the loss is
             scaled before backward, so per-sample norms would be those of scaled gradients.
     """
-    wrapper = _accelerated_optimizer_class()
-    while wrapper is not None and isinstance(optimizer, wrapper):
-        if getattr(optimizer, "scaler", None) is not None:
-            raise AccelerateSetupError(
-                "The optimizer was prepared with fp16 mixed precision: its GradScaler multiplies the loss before "
-                "backward, so the per-sample gradients groupclip clips would be scaled and the thresholds off by the "
-                "scale factor. Use Accelerator(mixed_precision='bf16') or 'no'."
-            )
-        optimizer = optimizer.optimizer
-    return optimizer
+    try:
+        return unwrap_optimizer_core(optimizer)
+    except ValueError as err:
+        raise AccelerateSetupError(
+            "The optimizer was prepared with fp16 mixed precision: its GradScaler multiplies the loss before "
+            "backward, so the per-sample gradients groupclip clips would be scaled and the thresholds off by the "
+            "scale factor. Use Accelerator(mixed_precision='bf16') or 'no'."
+        ) from err
 
 
 def check_accelerator(accelerator: Any) -> None:
