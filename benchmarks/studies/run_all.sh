@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every study sweep, in priority order, then the study page. Resumable: run it again to continue where it stopped
-# (finished runs are skipped). About 10 hours of 2-core CPU in all (a fashion run is ~20 min on one thread); each
-# sweep line can also be run on its own.
+# (finished runs are skipped). About 20 hours of 2-core CPU in all, half of it rotten_tomatoes_finetune (a fashion
+# run is ~20 min on one thread); each sweep line can also be run on its own.
 #   bash benchmarks/studies/run_all.sh        (or: make study)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -14,6 +14,19 @@ $G sweep benchmarks/studies/fashion_grouping.toml --jobs 2 --only seed=0 --only 
 $G sweep benchmarks/studies/fashion_grouping.toml --jobs 2 --only seed=0
 $G sweep benchmarks/studies/rotten_tomatoes.toml --jobs 2
 $G sweep benchmarks/studies/fashion_grouping.toml --jobs 2
+# Issue #17: the DP linear probe, the ScatterNet search and its final runs, adaptive thresholds that keep the total
+# (one run per command in fashion_adaptive_total/README.md), then DP full fine-tuning / LoRA (hours on a CPU).
+$G sweep benchmarks/studies/rotten_tomatoes_probe.toml --jobs 1
+$G sweep benchmarks/studies/fashion_scatternet_search.toml --jobs 1
+$G sweep benchmarks/studies/fashion_scatternet_ema.toml --jobs 1
+$G sweep benchmarks/studies/fashion_scatternet_views.toml --jobs 1
+$G sweep benchmarks/studies/fashion_scatternet.toml --jobs 1
+for g in 2 4 param-wise; do for s in 0 1 2; do
+  name=$([ "$g" = param-wise ] && echo param-wise || echo "blocks$g")
+  out=benchmarks/results/studies/fashion_adaptive_total/$name-adaptive-seed$s
+  [ -f "$out/final.json" ] || $G train --recipe fashion-mnist-cnn --grouping "$g" --adaptive --seed "$s" --threads 1 --out "$out"
+done; done
+$G sweep benchmarks/studies/rotten_tomatoes_finetune.toml --jobs 2
 # With a CUDA GPU, also run the GPU sweeps the study page reads (the committed ones: one H100, 14 runs at a time,
 # ~2 min a run): the full Fashion-MNIST grid and the size study (widths 0.5, 2, 4). Without one they are skipped.
 # (fashion_grouping.toml pins run.device = cpu: it is the CPU cross-check; the other specs use auto, so on such a

@@ -110,10 +110,13 @@ def test_planned_grouping_is_measured_near_its_prediction(tmp_path: Path) -> Non
     predicted = json.loads((tmp_path / "probe.json").read_text())
     assert predicted["groups"] == 1
     budget = (predicted["predicted_peak_bytes"] + predicted["non_private_peak_bytes"]) // 2
-    proc = _groupclip("plan", *shape, "--budget", str(budget), "--verify", "--out", str(tmp_path / "plan.json"))
+    # --margin 0: the default 3% headroom (~42 MB here) would use up the whole window, and a second process that
+    # measures its own overhead a few MB higher than the probe's would then find no grouping that fits
+    verify = ["--budget", str(budget), "--margin", "0", "--verify", "--out", str(tmp_path / "plan.json")]
+    proc = _groupclip("plan", *shape, *verify)
     assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]  # 1: measured over the budget
     plan = json.loads((tmp_path / "plan.json").read_text())
-    assert plan["groups"] > 1
+    assert plan["groups"] is not None and plan["groups"] > 1, proc.stdout[-2000:]
     match = re.search(r"verify: measured peak ([\d,]+) MB .*: (fits|DOES NOT FIT)", proc.stdout)
     assert match, proc.stdout[-3000:]
     assert (match.group(2) == "fits") == (proc.returncode == 0)

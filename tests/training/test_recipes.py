@@ -19,6 +19,8 @@ from groupclip.training.tasks import known_tasks
 def test_bundled_recipes_load_and_name_known_tasks():
     names = bundled_recipes()
     assert {"default", "fashion-mnist-cnn", "rotten-tomatoes-minilm", "shakespeare-gpt"} <= set(names)
+    assert {"fashion-mnist-scatternet", "rotten-tomatoes-probe", "rotten-tomatoes-minilm-full"} <= set(names)
+    assert "rotten-tomatoes-minilm-lora" in names
     for name in names:
         recipe = load_recipe(name)
         assert recipe.name == name

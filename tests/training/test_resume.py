@@ -301,3 +301,17 @@ def test_resume_mistakes_are_one_line_and_exit_code_2(tmp_path, capsys):
     (run / "final.json").write_text("{}")
     assert main(["train", "--resume", str(run)]) == 2
     assert "has finished" in capsys.readouterr().err
+
+
+def test_weight_average_resumes_with_the_run(tmp_path):
+    """schedule.ema_decay: the average is checkpointed, and a resumed run ends with the same average and metrics."""
+    recipe = _tiny_recipe(**{"privacy.noise_seed": 3, "schedule.ema_decay": 0.8, "run.checkpoint_every": 2})
+    full = _run_keeping_every_checkpoint(recipe, tmp_path / "full")
+    assert "last_iterate_test_accuracy" in full["final_eval"]
+    folder = _as_if_killed_after(tmp_path / "full", 4, tmp_path / "from4")
+    resumed = train(recipe, str(folder), progress=False, log=lambda _: None, resume=True)
+    assert resumed["final_eval"] == full["final_eval"]
+    averages = [load_checkpoint(str(d))["average"] for d in (folder, tmp_path / "full")]
+    assert averages[0]["updates"] == averages[1]["updates"] == 8
+    for a, b in zip(averages[0]["average"], averages[1]["average"], strict=True):
+        assert torch.equal(a, b)

@@ -141,7 +141,8 @@ def test_unknown_keys_are_errors(data: dict, model: dict, key: str) -> None:
         ({"test_fraction": 1.5}, {}, "test_fraction"),
         ({}, {"freeze_embeddings": "yes"}, "freeze_embeddings"),
         ({}, {"pooling": "max"}, "pooling = 'max'"),
-        ({}, {"train": "lora"}, "train = 'lora'"),
+        ({}, {"train": "adapters"}, "train = 'adapters'"),
+        ({}, {"train": "lora", "lora_rank": 0}, "lora_rank = 0"),
     ],
 )
 def test_bad_values_are_errors_before_loading(data: dict, model: dict, match: str) -> None:
@@ -171,3 +172,35 @@ def test_mean_pooling_bitfit_trains_biases_norms_and_head_and_sums_per_sample_lo
     singles = sum(setup.loss(setup.model, setup.collate([setup.train[i]])) for i in range(4))
     assert float(total) == pytest.approx(float(singles), rel=1e-5)  # padding does not leak into the mean
     setup.model.train()
+
+
+@slow
+def test_lora_trains_adapters_and_head_only_and_clips_exactly() -> None:
+    """LoRA through PEFT: only the query/value adapters and the head train, and DP clipping of them matches the
+    float64 per-sample reference."""
+    from tests.reference import check_engine, max_relative_error
+
+    setup = build_sentence_classification(
+        {"limit": 8, "test_limit": 8, "max_length": 16}, {"pooling": "mean", "train": "lora", "lora_rank": 2}, 0
+    )
+    trained = {n for n, p in setup.model.named_parameters() if p.requires_grad}
+    assert {"head.weight", "head.bias"} <= trained
+    assert all(n.startswith("head.") or "lora_" in n for n in trained)
+    assert sum("lora_" in n for n in trained) == 6 * 2 * 2  # 6 layers x (query, value) x (A, B)
+    assert set(setup.info["new_weights"]) >= trained - {"head.weight", "head.bias"}
+    assert setup.info["trainable_parameters"] == 6 * 2 * 2 * 2 * 384 + 2 * 384 + 2
+    model = setup.model.eval()  # no dropout: the reference must see the same function
+    with torch.no_grad():  # LoRA's B starts at zero; move it so the adapters' gradients are not degenerate
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    batch = setup.collate([setup.train[i] for i in range(3)])
+
+    def losses(net: nn.Module, b: tuple) -> torch.Tensor:
+        input_ids, attention_mask, labels = b
+        return F.cross_entropy(net(input_ids=input_ids, attention_mask=attention_mask).logits, labels, reduction="none")
+
+    _, got, want, norms, want_norms = check_engine(model, losses, batch, grouping="layer-wise", max_grad_norm=0.05)
+    assert max_relative_error(got, want) < 1e-4
+    for group, norm in want_norms.items():
+        torch.testing.assert_close(norms[group].double(), norm, rtol=1e-4, atol=1e-7)

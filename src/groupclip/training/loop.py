@@ -18,6 +18,7 @@ from .progress import ProgressBar
 from .recipe import Recipe, RecipeError, recipe_to_dict
 from .run_folder import RunWriter
 from .tasks import TaskSetup, to_device
+from .weight_average import WeightAverage
 
 
 def peak_rss_mb() -> float:
@@ -49,6 +50,8 @@ class TrainingLoop:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_factor(recipe.schedule, self.planned_steps())
         )
+        decay = recipe.schedule.ema_decay
+        self.average = WeightAverage(self.model, decay) if decay else None
         self.evals: list[dict[str, Any]] = []
         self.steps_done = 0
         self.train_time = 0.0
@@ -115,6 +118,7 @@ class TrainingLoop:
             "metrics_offset": writer.offset(),
             "rng": rng,
             "loop": self.state_dict(),
+            "average": self.average.state_dict() if self.average is not None else None,
         }
         save_checkpoint(state, writer.run_dir)
 
@@ -126,6 +130,10 @@ class TrainingLoop:
                 f"{self.launch.world_size}: resume with the same number of processes."
             )
         self.load_state_dict(checkpoint["loop"], lost_steps=records_after + 1)
+        if self.average is not None:
+            if checkpoint.get("average") is None:
+                raise CheckpointError("The checkpoint holds no weight average, but schedule.ema_decay is set.")
+            self.average.load_state_dict(checkpoint["average"])
         self.steps_done = int(checkpoint["step"])
         self.train_time = float(checkpoint["train_time_s"])
         self.evals = list(checkpoint["evals"])
@@ -156,6 +164,8 @@ class TrainingLoop:
                 began = time.perf_counter()
                 record = self.step(to_device(batch, self.device))
                 self.scheduler.step()
+                if self.average is not None:
+                    self.average.update()
                 self.train_time += time.perf_counter() - began
                 step += 1
                 record.update(step=step, epoch=step / self.steps_per_epoch(), step_time_s=time.perf_counter() - began)
@@ -163,7 +173,7 @@ class TrainingLoop:
                     record["epsilon"] = self.epsilon()
                 writer.record(record)
                 if self.eval_due(step) and self.launch.rank == 0:
-                    metrics = setup.evaluate(self.model)
+                    metrics = self.evaluate()
                     entry = {"kind": "eval", "step": step, "epoch": record["epoch"], **metrics}
                     self.evals.append(entry)
                     writer.record(entry)
@@ -209,6 +219,16 @@ class TrainingLoop:
             "rank": self.launch.rank,
             "resumed_from": self.resumed_from,
         }
+
+    def evaluate(self) -> dict[str, Any]:
+        """The task's metrics; with a weight average, those of the averaged weights, and the last iterate's beside
+        them as ``last_iterate_<metric>``."""
+        if self.average is None:
+            return self.setup.evaluate(self.model)
+        last = self.setup.evaluate(self.model)
+        with self.average.applied():
+            averaged = self.setup.evaluate(self.model)
+        return {**averaged, **{f"last_iterate_{key}": value for key, value in last.items()}}
 
     def epsilon(self) -> float | None:
         return None

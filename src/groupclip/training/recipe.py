@@ -90,7 +90,9 @@ class OptimizerConfig:
 class ScheduleConfig:
     """``batch_size`` is the expected (Poisson) batch size; ``physical_batch_size`` bounds memory (accumulation).
 
-    ``lr_schedule``: constant | cosine | linear (decay to 0), after ``warmup_steps`` of linear warm-up."""
+    ``lr_schedule``: constant | cosine | linear (decay to 0), after ``warmup_steps`` of linear warm-up.
+    ``ema_decay`` > 0: evaluate an exponential moving average of the weights (post-processing: no privacy cost);
+    the last iterate's metrics are recorded beside it as ``last_iterate_<metric>``."""
 
     epochs: float = 1.0
     batch_size: int = 256
@@ -99,6 +101,7 @@ class ScheduleConfig:
     warmup_steps: int = 0
     eval_every: int = 0  # steps between evaluations; 0 = once per epoch (and always at the end)
     max_steps: int = 0  # > 0: stop early after this many steps (smoke runs); privacy is planned for the full run
+    ema_decay: float = 0.0  # 0: off; e.g. 0.999
 
 
 @dataclass
@@ -270,6 +273,8 @@ def _check_ranges(recipe: Recipe, source: str) -> None:
     if len(optimizer.betas) != 2 or not all(0 <= beta < 1 for beta in optimizer.betas):
         fail("optimizer.betas", optimizer.betas, "two numbers in [0, 1), e.g. [0.9, 0.999]")
     number("schedule.epochs", schedule.epochs, 0)
+    if not 0 <= schedule.ema_decay < 1:
+        fail("schedule.ema_decay", schedule.ema_decay, "a number in [0, 1) (0: no weight average; e.g. 0.999)")
     for key, value, low in (
         ("schedule.batch_size", schedule.batch_size, 1),
         ("schedule.physical_batch_size", schedule.physical_batch_size, 1),

@@ -195,7 +195,7 @@ def run_sweep(
         for done, (point, code) in enumerate(pool.map(lambda p: run_point(spec, p), todo), 1):
             status = "ok" if code == 0 else f"FAILED (exit {code}; see {point_dir(spec, point)}/log.txt)"
             elapsed = time.perf_counter() - start
-            log(f"  [{done}/{len(todo)}] {point} {status} ({elapsed / 60:.1f} min)")
+            log(f"  [{done}/{len(todo)}] {point} {status} ({elapsed / 60:.1f} min since the sweep started)")
             if code != 0:
                 failed.append(point)
     rows = summarise(spec)

@@ -100,4 +100,4 @@ def to_device(batch: Any, device: torch.device | str) -> Any:
 
 
 def _load_builtin_tasks() -> None:
-    from . import charlm, image, text  # noqa: F401  (registers the built-in tasks)
+    from . import charlm, image, text, text_probe  # noqa: F401  (registers the built-in tasks)

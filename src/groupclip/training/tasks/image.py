@@ -6,6 +6,18 @@ Models:
         and hidden sizes (width 1: 16, 32, 32; 26k parameters) and ``extra_convs`` 3x3 same-size convs after the
         second conv (depth), for the model-size study.
     ``small-cnn``: a GroupNorm tanh CNN (the embedded default's model).
+    ``scatter-linear``: Tramer & Boneh (2021)'s ScatterNet + linear model, for ``[data] features = "scattering"``
+        (81 x 7 x 7 wavelet scattering coefficients): GroupNorm (per sample, no affine parameters) then one linear
+        layer.
+
+``[data] holdout = N`` trains on all but the last N training images and evaluates on those N (``val_accuracy``):
+hyperparameters are searched there, never on the test set.
+
+``[data] flip_views = true`` is augmentation multiplicity (De et al. 2022) with the horizontal flip: each training
+example is the pair (image, mirrored image), ``[B, 2, ...]``; its loss is the mean over the two views, so its ONE
+per-sample gradient -- the one that is clipped -- averages them (the model folds the views into the batch
+dimension, which groupclip's data-flow tracking follows). The privacy cost is that of one example, as before.
+Evaluation reads the unflipped test images.
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ from torch.utils.data import TensorDataset
 from ..datasets import TensorSplit, load_fashion_mnist, load_mnist5k
 from ..recipe import RecipeError
 from . import TaskSetup, model_device, register_task, take_options
+from .scattering import cached_scatter, scattering_channels
 
 
 def tanh_cnn(width: float = 1.0, extra_convs: int = 0, num_classes: int = 10) -> nn.Sequential:
@@ -55,7 +68,72 @@ def small_cnn(num_classes: int = 10) -> nn.Sequential:
     )
 
 
+def scatter_linear(groups: int = 27, num_classes: int = 10, channels: int = 81, side: int = 7) -> nn.Sequential:
+    """ScatterNet + linear: per-sample GroupNorm of the ``channels`` scattering maps, then a linear classifier."""
+    if groups < 1 or channels % groups:
+        raise RecipeError(f"[model] groups = {groups}: must divide the {channels} scattering channels (e.g. 27, 9, 3).")
+    return nn.Sequential(
+        nn.GroupNorm(groups, channels, affine=False),
+        nn.Flatten(),
+        nn.Linear(channels * side * side, num_classes),
+    )
+
+
 def _load(data: dict[str, Any]) -> tuple[TensorSplit, TensorSplit]:
+    train, test = _load_pixels(data)
+    holdout = data["holdout"]
+    if not isinstance(holdout, int) or isinstance(holdout, bool) or not 0 <= holdout < len(train):
+        raise RecipeError(
+            f"[data] holdout = {holdout!r}: an integer in [0, {len(train)}) (0: evaluate on the test set)."
+        )
+    if holdout:
+        cut = len(train) - holdout
+        train, test = TensorSplit(train.x[:cut], train.y[:cut]), TensorSplit(train.x[cut:], train.y[cut:])
+    if not isinstance(data["flip_views"], bool):
+        raise RecipeError(f"[data] flip_views = {data['flip_views']!r}: true or false.")
+    views = [train.x, train.x.flip(-1)] if data["flip_views"] else [train.x]
+    if data["features"] == "scattering":
+        views = [cached_scatter(view) for view in views]
+        test = TensorSplit(cached_scatter(test.x), test.y)
+    elif data["features"] != "pixels":
+        raise RecipeError(f"[data] features = {data['features']!r}: 'pixels' or 'scattering'.")
+    x = torch.stack(views, 1) if data["flip_views"] else views[0]
+    return TensorSplit(x, train.y), test
+
+
+class ViewsInBatch(nn.Module):
+    """Runs ``net`` on ``[B, V, ...]`` inputs (V views of each example) by folding the views into the batch INSIDE
+    the forward, and returns ``[B, V, classes]``; ``[B, ...]`` inputs pass straight through.
+
+    The fold must happen inside the model: groupclip takes the rows of the model's input as the samples, so a
+    ``[B * V, ...]`` tensor built outside the model would be clipped as B * V samples (each example's views clipped
+    apart, twice its share of the sensitivity). Inside the forward, the data-flow tracking follows the fold.
+    """
+
+    def __init__(self, net: nn.Module, example_dims: int) -> None:
+        super().__init__()
+        self.net = net
+        self.example_dims = example_dims  # dims of one view of one example, e.g. 3 for [C, H, W]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == self.example_dims + 1:
+            return self.net(x)
+        batch, views = x.shape[:2]
+        return self.net(x.flatten(0, 1)).view(batch, views, -1)
+
+
+def view_averaged_loss(net: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """Sum over the batch of each example's cross-entropy; with views (``net`` returns ``[B, V, classes]``) an
+    example's loss is the mean over its views."""
+    logits = net(x)
+    if logits.dim() == 2:
+        return F.cross_entropy(logits, y, reduction="sum")
+    batch, views = logits.shape[:2]
+    picked = F.log_softmax(logits, dim=-1).gather(2, y.view(batch, 1, 1).expand(batch, views, 1))
+    return -picked.sum() / views
+
+
+def _load_pixels(data: dict[str, Any]) -> tuple[TensorSplit, TensorSplit]:
     if data["name"] == "fashion-mnist":
         train, test = load_fashion_mnist(limit=data["limit"] or None)
         if data["test_limit"]:
@@ -76,7 +154,11 @@ def _model(options: dict[str, Any]) -> nn.Module:
         return tanh_cnn(options["width"], options["extra_convs"])
     if options["name"] == "small-cnn":
         return small_cnn()
-    raise RecipeError(f"[model] name = {options['name']!r}: the image task builds 'tanh-cnn' or 'small-cnn'.")
+    if options["name"] == "scatter-linear":
+        return scatter_linear(options["groups"], channels=scattering_channels())
+    raise RecipeError(
+        f"[model] name = {options['name']!r}: the image task builds 'tanh-cnn', 'small-cnn' or 'scatter-linear'."
+    )
 
 
 @torch.no_grad()
@@ -97,33 +179,48 @@ def accuracy_and_loss(model: nn.Module, x: Tensor, y: Tensor, batch: int = 1000)
 
 @register_task("image-classification")
 def build_image_classification(data: dict[str, Any], model: dict[str, Any], seed: int) -> TaskSetup:
-    """Image classification; ``[data]``: name, limit, test_limit; ``[model]``: name, width, extra_convs."""
-    data = take_options("data", data, {"name": "fashion-mnist", "limit": 0, "test_limit": 0})
-    model = take_options("model", model, {"name": "tanh-cnn", "width": 1.0, "extra_convs": 0})
+    """Image classification.
+
+    ``[data]``: name, limit, test_limit, holdout, features (``pixels`` | ``scattering``), flip_views; ``[model]``:
+    name, width,
+    extra_convs, groups (``scatter-linear``'s GroupNorm groups).
+    """
+    defaults = {"name": "fashion-mnist", "limit": 0, "test_limit": 0, "holdout": 0, "features": "pixels"}
+    data = take_options("data", data, {**defaults, "flip_views": False})
+    model = take_options("model", model, {"name": "tanh-cnn", "width": 1.0, "extra_convs": 0, "groups": 27})
+    if (model["name"] == "scatter-linear") != (data["features"] == "scattering"):
+        raise RecipeError(
+            f"[model] name = {model['name']!r} with [data] features = {data['features']!r}: 'scatter-linear' reads "
+            "scattering features and the CNNs read pixels; set both together."
+        )
     train, test = _load(data)
+    split = "val" if data["holdout"] else "test"
     torch.manual_seed(seed)
     net = _model(model)
+    if data["flip_views"]:
+        net = ViewsInBatch(net, example_dims=test.x.dim() - 1)
 
     def loss(net: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-        x, y = batch
-        return F.cross_entropy(net(x), y, reduction="sum")
+        return view_averaged_loss(net, *batch)
 
     def evaluate(net: nn.Module) -> dict[str, float]:
         acc, mean_loss = accuracy_and_loss(net, test.x, test.y)
-        return {"test_accuracy": acc, "test_loss": mean_loss}
+        return {f"{split}_accuracy": acc, f"{split}_loss": mean_loss}
 
     return TaskSetup(
         model=net,
         train=TensorDataset(train.x, train.y),
         loss=loss,
         evaluate=evaluate,
-        headline="test_accuracy",
+        headline=f"{split}_accuracy",
         higher_is_better=True,
         example_batch=(train.x[:4], train.y[:4]),
         info={
             "data": data["name"],
+            "features": data["features"],
+            f"{split}_split": "the last holdout training images" if data["holdout"] else "the test set",
             "train_size": len(train),
-            "test_size": len(test),
+            f"{split}_size": len(test),
             "model": model["name"],
             "parameters": sum(p.numel() for p in net.parameters()),
         },

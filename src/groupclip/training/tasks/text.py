@@ -10,7 +10,9 @@ Model:
         reads the mean of the last hidden states over the attended tokens -- the pooling the sentence-transformers
         model was trained with. ``train = "all"`` fine-tunes every weight (``freeze_embeddings`` keeps the embedding
         tables fixed); ``"bitfit"`` fine-tunes the biases, the LayerNorms and the head only (Ben Zaken et al. 2022;
-        in DP, Bu et al. 2022: far fewer noisy coordinates); ``"head"`` only the linear head (a linear probe).
+        in DP, Bu et al. 2022: far fewer noisy coordinates); ``"head"`` only the linear head (a linear probe);
+        ``"lora"`` rank-``lora_rank`` adapters (PEFT, Hu et al. 2022) on every attention query and value projection,
+        plus the head (the pretrained weights stay frozen).
 
 Batches are ``(input_ids [B, T], attention_mask [B, T], labels [B])``. ``collate`` orders a batch's examples by
 length (longest first), so the physical chunks that the runner cuts from a logical batch hold similar lengths,
@@ -43,9 +45,15 @@ DATA_DEFAULTS: dict[str, Any] = {
     "limit": 0,
     "test_limit": 0,
 }
-MODEL_DEFAULTS: dict[str, Any] = {"name": "minilm", "freeze_embeddings": False, "pooling": "cls", "train": "all"}
+MODEL_DEFAULTS: dict[str, Any] = {
+    "name": "minilm",
+    "freeze_embeddings": False,
+    "pooling": "cls",
+    "train": "all",
+    "lora_rank": 8,
+}
 POOLINGS = ("cls", "mean")
-TRAINED = ("all", "bitfit", "head")
+TRAINED = ("all", "bitfit", "head", "lora")
 EVAL_BATCH = 256
 _EMBEDDING_WEIGHTS = ("word_embeddings", "position_embeddings", "token_type_embeddings")
 
@@ -188,7 +196,26 @@ def _load_minilm(options: dict[str, Any], seed: int) -> tuple[Any, nn.Module, se
     elif options["train"] == "head":
         for name, param in net.named_parameters():
             param.requires_grad_(name.startswith(("head.", "classifier.")))
+    elif options["train"] == "lora":
+        missing |= add_lora(net, options["lora_rank"], seed)
     return tokenizer, net, missing
+
+
+def add_lora(net: nn.Module, rank: int, seed: int) -> set[str]:
+    """Rank-``rank`` LoRA adapters on the attention query and value projections (PEFT); train only them and the
+    head. Returns the adapters' parameter names (new weights)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["query", "value"])
+    inject_adapter_in_model(config, net.base_model)
+    adapters = set()
+    for name, param in net.named_parameters():
+        adapter = "lora_" in name
+        param.requires_grad_(adapter or name.startswith(("head.", "classifier.")))
+        if adapter:
+            adapters.add(name)
+    return adapters
 
 
 @dataclass
@@ -250,6 +277,9 @@ def _check_options(data: dict[str, Any], model: dict[str, Any]) -> None:
             f"[model] pooling = {model['pooling']!r}, train = {model['train']!r}: expected pooling in {POOLINGS} "
             f"and train in {TRAINED}."
         )
+    rank = model["lora_rank"]
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise RecipeError(f"[model] lora_rank = {rank!r}: expected an integer >= 1.")
     if not isinstance(model["freeze_embeddings"], bool):
         raise RecipeError(f"[model] freeze_embeddings = {model['freeze_embeddings']!r}: expected true or false.")
 
@@ -257,7 +287,7 @@ def _check_options(data: dict[str, Any], model: dict[str, Any]) -> None:
 @register_task("sentence-classification")
 def build_sentence_classification(data: dict[str, Any], model: dict[str, Any], seed: int) -> TaskSetup:
     """Sentence classification; ``[data]``: name, test_fraction, max_length, limit, test_limit;
-    ``[model]``: name, freeze_embeddings, pooling, train."""
+    ``[model]``: name, freeze_embeddings, pooling, train, lora_rank."""
     data = take_options("data", data, DATA_DEFAULTS)
     model = take_options("model", model, MODEL_DEFAULTS)
     _check_options(data, model)
