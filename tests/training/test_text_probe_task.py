@@ -7,7 +7,7 @@ import torch
 
 from groupclip.training.recipe import load_recipe
 from groupclip.training.tasks import build_task
-from groupclip.training.tasks.text import PadCollate, _load_minilm, _tokenize
+from groupclip.training.tasks.text import PadCollate, load_minilm, tokenize
 from groupclip.training.tasks.text_probe import sentence_embeddings
 
 pytest.importorskip("transformers")
@@ -35,12 +35,12 @@ def test_probe_setup_caches_normalised_embeddings(tmp_path, monkeypatch) -> None
 def test_embedding_is_per_example() -> None:
     """An example's embedding does not depend on the others in its chunk (padding is masked, order restored): the
     features are a per-example map and cost no privacy."""
-    from groupclip.training.tasks.text import _load_splits
+    from groupclip.training.tasks.text import load_splits
 
     options = {"name": "minilm", "freeze_embeddings": False, "pooling": "mean", "train": "head", "lora_rank": 8}
-    tokenizer, classifier, _ = _load_minilm(options, 0)
-    train, _ = _load_splits({"test_fraction": 0.2, "limit": 6, "test_limit": 1})
-    data = _tokenize(tokenizer, train, 24)
+    tokenizer, classifier, _ = load_minilm(options, 0)
+    train, _ = load_splits({"test_fraction": 0.2, "limit": 6, "test_limit": 1})
+    data = tokenize(tokenizer, train, 24)
     collate = PadCollate(tokenizer.pad_token_id)
     together = sentence_embeddings(classifier.encoder, data, collate)
     for i in range(6):

@@ -79,24 +79,34 @@ def scatter_linear(groups: int = 27, num_classes: int = 10, channels: int = 81, 
     )
 
 
-def _load(data: dict[str, Any]) -> tuple[TensorSplit, TensorSplit]:
-    train, test = _load_pixels(data)
+def _check_options(data: dict[str, Any], model: dict[str, Any]) -> None:
+    """Reject bad ``[data]`` / ``[model]`` values before anything is loaded (the holdout's upper bound, which
+    needs the data set's size, is checked by :func:`_load`)."""
     holdout = data["holdout"]
-    if not isinstance(holdout, int) or isinstance(holdout, bool) or not 0 <= holdout < len(train):
-        raise RecipeError(
-            f"[data] holdout = {holdout!r}: an integer in [0, {len(train)}) (0: evaluate on the test set)."
-        )
-    if holdout:
-        cut = len(train) - holdout
-        train, test = TensorSplit(train.x[:cut], train.y[:cut]), TensorSplit(train.x[cut:], train.y[cut:])
+    if not isinstance(holdout, int) or isinstance(holdout, bool) or holdout < 0:
+        raise RecipeError(f"[data] holdout = {holdout!r}: an integer >= 0 (0: evaluate on the test set).")
     if not isinstance(data["flip_views"], bool):
         raise RecipeError(f"[data] flip_views = {data['flip_views']!r}: true or false.")
+    if data["features"] not in ("pixels", "scattering"):
+        raise RecipeError(f"[data] features = {data['features']!r}: 'pixels' or 'scattering'.")
+    if (model["name"] == "scatter-linear") != (data["features"] == "scattering"):
+        raise RecipeError(
+            f"[model] name = {model['name']!r} with [data] features = {data['features']!r}: 'scatter-linear' reads "
+            "scattering features and the CNNs read pixels; set both together."
+        )
+
+
+def _load(data: dict[str, Any]) -> tuple[TensorSplit, TensorSplit]:
+    train, test = _load_pixels(data)
+    if data["holdout"] >= len(train):
+        raise RecipeError(f"[data] holdout = {data['holdout']}: must be below the {len(train)} training images.")
+    if data["holdout"]:
+        cut = len(train) - data["holdout"]
+        train, test = TensorSplit(train.x[:cut], train.y[:cut]), TensorSplit(train.x[cut:], train.y[cut:])
     views = [train.x, train.x.flip(-1)] if data["flip_views"] else [train.x]
     if data["features"] == "scattering":
         views = [cached_scatter(view) for view in views]
         test = TensorSplit(cached_scatter(test.x), test.y)
-    elif data["features"] != "pixels":
-        raise RecipeError(f"[data] features = {data['features']!r}: 'pixels' or 'scattering'.")
     x = torch.stack(views, 1) if data["flip_views"] else views[0]
     return TensorSplit(x, train.y), test
 
@@ -181,18 +191,13 @@ def accuracy_and_loss(model: nn.Module, x: Tensor, y: Tensor, batch: int = 1000)
 def build_image_classification(data: dict[str, Any], model: dict[str, Any], seed: int) -> TaskSetup:
     """Image classification.
 
-    ``[data]``: name, limit, test_limit, holdout, features (``pixels`` | ``scattering``), flip_views; ``[model]``:
-    name, width,
-    extra_convs, groups (``scatter-linear``'s GroupNorm groups).
+    ``[data]``: name, limit, test_limit, holdout, features (``pixels`` | ``scattering``), flip_views;
+    ``[model]``: name, width, extra_convs, groups (``scatter-linear``'s GroupNorm groups).
     """
     defaults = {"name": "fashion-mnist", "limit": 0, "test_limit": 0, "holdout": 0, "features": "pixels"}
     data = take_options("data", data, {**defaults, "flip_views": False})
     model = take_options("model", model, {"name": "tanh-cnn", "width": 1.0, "extra_convs": 0, "groups": 27})
-    if (model["name"] == "scatter-linear") != (data["features"] == "scattering"):
-        raise RecipeError(
-            f"[model] name = {model['name']!r} with [data] features = {data['features']!r}: 'scatter-linear' reads "
-            "scattering features and the CNNs read pixels; set both together."
-        )
+    _check_options(data, model)
     train, test = _load(data)
     split = "val" if data["holdout"] else "test"
     torch.manual_seed(seed)

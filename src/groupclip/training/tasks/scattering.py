@@ -36,8 +36,7 @@ def scatter(images: Tensor, J: int = 2, L: int = 8, chunk: int = 2000) -> Tensor
     except ImportError as error:
         raise RecipeError(f"ScatterNet features need the kymatio package: {KYMATIO_INSTALL} ({error}).") from error
     transform = ScatteringTorch2D(J=J, shape=tuple(images.shape[-2:]), L=L)
-    parts = [transform(images[start : start + chunk]).flatten(1, 2) for start in range(0, len(images), chunk)]
-    return torch.cat(parts) if parts else images.new_zeros(0, scattering_channels(J=J, L=L), 1, 1)
+    return torch.cat([transform(images[start : start + chunk]).flatten(1, 2) for start in range(0, len(images), chunk)])
 
 
 def cached_scatter(images: Tensor, J: int = 2, L: int = 8) -> Tensor:

@@ -138,7 +138,7 @@ def accuracy_and_loss(model: nn.Module, data: TokenizedText, collate: PadCollate
     return correct / max(len(data), 1), loss / max(len(data), 1)
 
 
-def _load_splits(data: dict[str, Any]) -> tuple[TextSplit, TextSplit]:
+def load_splits(data: dict[str, Any]) -> tuple[TextSplit, TextSplit]:
     """The train and test splits (split seed 0: the same test set in every run), cut to the limits."""
     train, test = load_rotten_tomatoes(data["test_fraction"], seed=0)
     if data["limit"]:
@@ -148,7 +148,7 @@ def _load_splits(data: dict[str, Any]) -> tuple[TextSplit, TextSplit]:
     return train, test
 
 
-def _tokenize(tokenizer: Any, split: TextSplit, max_length: int) -> TokenizedText:
+def tokenize(tokenizer: Any, split: TextSplit, max_length: int) -> TokenizedText:
     """Tokenize every text once (truncated to ``max_length``, no padding)."""
     encoded = tokenizer(split.texts, truncation=True, max_length=max_length)["input_ids"]
     ids = [torch.tensor(seq, dtype=torch.long) for seq in encoded]
@@ -171,7 +171,7 @@ def _quiet_transformers() -> Iterator[None]:
             logging.enable_progress_bar()
 
 
-def _load_minilm(options: dict[str, Any], seed: int) -> tuple[Any, nn.Module, set[str]]:
+def load_minilm(options: dict[str, Any], seed: int) -> tuple[Any, nn.Module, set[str]]:
     """The tokenizer, the classifier (train mode, float32) and the names of the weights it initialised afresh."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -225,6 +225,12 @@ class ClassifierOutput:
     logits: Tensor
 
 
+def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """The mean of ``hidden`` ``[B, T, d]`` over each row's attended tokens, ``[B, d]``."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
 class MeanPooledClassifier(nn.Module):
     """A linear head on the mean of the encoder's last hidden states over the attended tokens."""
 
@@ -240,9 +246,7 @@ class MeanPooledClassifier(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> ClassifierOutput:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return ClassifierOutput(logits=self.head(pooled))
+        return ClassifierOutput(logits=self.head(mean_pool(hidden, attention_mask)))
 
 
 def keep_biases_norms_and_head(net: nn.Module) -> None:
@@ -259,7 +263,7 @@ def freeze_embeddings(net: nn.Module) -> None:
         getattr(embeddings, name).weight.requires_grad_(False)
 
 
-def _check_options(data: dict[str, Any], model: dict[str, Any]) -> None:
+def check_options(data: dict[str, Any], model: dict[str, Any]) -> None:
     """Reject unsupported names and out-of-range values before anything is loaded."""
     if data["name"] != "rotten-tomatoes":
         raise RecipeError(f"[data] name = {data['name']!r}: the sentence-classification task reads 'rotten-tomatoes'.")
@@ -290,11 +294,11 @@ def build_sentence_classification(data: dict[str, Any], model: dict[str, Any], s
     ``[model]``: name, freeze_embeddings, pooling, train, lora_rank."""
     data = take_options("data", data, DATA_DEFAULTS)
     model = take_options("model", model, MODEL_DEFAULTS)
-    _check_options(data, model)
-    train_text, test_text = _load_splits(data)
-    tokenizer, net, fresh = _load_minilm(model, seed)
-    train = _tokenize(tokenizer, train_text, data["max_length"])
-    test = _tokenize(tokenizer, test_text, data["max_length"])
+    check_options(data, model)
+    train_text, test_text = load_splits(data)
+    tokenizer, net, fresh = load_minilm(model, seed)
+    train = tokenize(tokenizer, train_text, data["max_length"])
+    test = tokenize(tokenizer, test_text, data["max_length"])
     collate = PadCollate(tokenizer.pad_token_id)
 
     def evaluate(net: nn.Module) -> dict[str, float]:

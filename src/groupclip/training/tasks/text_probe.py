@@ -25,10 +25,11 @@ from .text import (
     MODEL_DEFAULTS,
     PadCollate,
     TokenizedText,
-    _check_options,
-    _load_minilm,
-    _load_splits,
-    _tokenize,
+    check_options,
+    load_minilm,
+    load_splits,
+    mean_pool,
+    tokenize,
 )
 
 EMBED_BATCH = 128
@@ -45,16 +46,14 @@ def sentence_embeddings(encoder: nn.Module, data: TokenizedText, collate: PadCol
         order = sorted(rows, key=lambda i: -len(data.ids[i]))
         input_ids, attention_mask, _ = collate([data[i] for i in order])
         hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-        out[torch.tensor(order)] = F.normalize(pooled, dim=1)
+        out[torch.tensor(order)] = F.normalize(mean_pool(hidden, attention_mask), dim=1)
     return out
 
 
 def _embed(split: Any, tokenizer: Any, encoder: nn.Module, max_length: int) -> Tensor:
     name = f"minilm-embeddings-{digest(repr((max_length, split.texts)).encode())}"
     collate = PadCollate(tokenizer.pad_token_id)
-    compute = lambda: sentence_embeddings(encoder, _tokenize(tokenizer, split, max_length), collate)  # noqa: E731
+    compute = lambda: sentence_embeddings(encoder, tokenize(tokenizer, split, max_length), collate)  # noqa: E731
     return cached_tensor(name, compute, rows=len(split.texts))
 
 
@@ -64,9 +63,9 @@ def build_sentence_probe(data: dict[str, Any], model: dict[str, Any], seed: int)
     data = take_options("data", data, DATA_DEFAULTS)
     model = take_options("model", model, {"name": "minilm"})
     frozen = {**MODEL_DEFAULTS, "name": model["name"], "pooling": "mean", "train": "head"}
-    _check_options(data, frozen)
-    train_text, test_text = _load_splits(data)
-    tokenizer, classifier, _ = _load_minilm(frozen, seed)
+    check_options(data, frozen)
+    train_text, test_text = load_splits(data)
+    tokenizer, classifier, _ = load_minilm(frozen, seed)
     encoder = classifier.encoder
     train_x = _embed(train_text, tokenizer, encoder, data["max_length"])
     test_x = _embed(test_text, tokenizer, encoder, data["max_length"])
