@@ -31,6 +31,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.pytorch_utils import Conv1D
 
 from groupclip import ClippingEngine
@@ -202,8 +203,8 @@ RULE_CASES: dict[str, LayerCase] = {
     "linear-seq": LayerCase(lambda: nn.Linear(5, 4), (6, 5)),
     "linear-4d": LayerCase(lambda: nn.Linear(5, 4), (2, 3, 5)),
     "linear-seq-no-bias": LayerCase(lambda: nn.Linear(5, 4, bias=False), (6, 5)),
-    "linear-long-narrow": LayerCase(lambda: nn.Linear(3, 2), (9, 3)),  # 2T^2 > pd: auto instantiates
-    "linear-short-wide": LayerCase(lambda: nn.Linear(8, 7), (2, 8)),  # 2T^2 < pd: auto stays ghost
+    "linear-long-narrow": LayerCase(lambda: nn.Linear(3, 2), (9, 3)),  # T(p+d) >= pd: auto instantiates
+    "linear-short-wide": LayerCase(lambda: nn.Linear(8, 7), (2, 8)),  # T(p+d) < pd: auto stays ghost
     # Hugging Face Conv1D (GPT-2): weight [in, out]
     "hf-conv1d-2d": LayerCase(lambda: Conv1D(4, 5), (5,)),
     "hf-conv1d-seq": LayerCase(lambda: Conv1D(4, 5), (6, 5)),
@@ -605,6 +606,41 @@ def test_linears_sharing_one_input(norm_mode: str, dtype: torch.dtype, freeze: b
             grouping="layer-wise",
             dtype=dtype,
         )
+
+
+class _AtenOps(TorchDispatchMode):
+    """Records the aten ops dispatched while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("grouping", ["layer-wise", "all-layer", "param-wise"])
+@pytest.mark.parametrize(
+    "layer", [lambda i, o: nn.Linear(i, o), lambda i, o: Conv1D(o, i)], ids=["linear", "hf-conv1d"]
+)
+def test_small_layer_instantiated_side_by_side_is_exact_without_a_copy(layer, grouping: str) -> None:
+    """Auto instantiates a small layer over many positions (T(p+d) >= pd). Its weight and bias, when in one group,
+    are written side by side into one tensor and gathered without a ``cat``; in separate groups they are formed
+    apart. Exact either way."""
+    case = LayerCase(lambda: nn.Sequential(layer(5, 4), nn.Tanh(), layer(4, 4)), (6, 5))
+    model = make_model(case, torch.float64)
+    batch = make_batch(case, 3, torch.float64)
+    run_and_compare(model, batch, norm_mode="auto", reduction="sum", clip_fn="abadi", grouping=grouping)
+
+    ops = _AtenOps()
+    with ClippingEngine(model, grouping=grouping, loss_reduction="sum"):
+        losses = ce_loss(model, batch)
+        with ops:
+            losses.sum().backward()
+    # all-layer gathers both layers' gradients into one tensor: one cat for the group, none per layer
+    assert ops.names.count("aten::cat") == (1 if grouping == "all-layer" else 0)
+    assert ("aten::bmm.out" in ops.names) == (grouping != "param-wise"), ops.names
 
 
 # ---------------------------------------------------------------------- dropout inside the generic fallback

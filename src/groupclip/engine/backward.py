@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..errors import PassError
 from ..norms.contributions import Factored, FactorSum, Instantiated, combine_uses, compute_dtype
-from .compute import shaped_for_norm, use_contributions
+from .compute import instantiates, shaped_for_norm, use_contributions
 from .gradient_write import commit
 from .memory import MemoryLedger
 from .plan import is_finite_sum, spans
@@ -35,6 +35,7 @@ from .trace import Trace, Use
 
 if TYPE_CHECKING:
     from .core import ClippingEngine
+    from .settings import NormMode
 
 
 # Parameters of at most this many elements (biases, norm scales) are gathered per group: their per-sample gradients
@@ -43,16 +44,20 @@ VECTOR_ELEMENTS = 1 << 16
 
 
 def _side_by_side(grads: list[Tensor]) -> Tensor | None:
-    """``[B, total]`` without a copy when the per-sample gradients are consecutive slices of one contiguous
-    ``[B, n, ...]`` tensor in order (a norm layer's weight and bias, see ``norms.normalization``)."""
+    """``[B, total]`` without a copy when the per-sample gradients are consecutive row-major pieces of each row of
+    one contiguous ``[B, ...]`` tensor, in order (a norm layer's weight and bias, see ``norms.normalization``; a
+    small linear layer's, see ``Factored.instantiate_with_bias``)."""
     base = grads[0]._base
-    if base is None or not base.is_contiguous() or base.dim() < 2 or base.shape[1] != len(grads):
+    if base is None or not base.is_contiguous() or base.dim() < 2:
         return None
-    step = base.stride(1) * base.element_size()
-    for k, g in enumerate(grads):
-        if g._base is not base or g.data_ptr() != base.data_ptr() + k * step:
+    batch, offset = base.shape[0], 0
+    for g in grads:
+        if g._base is not base or g.shape[0] != batch or g.data_ptr() != base.data_ptr() + offset * g.element_size():
             return None
-    return base.reshape(base.shape[0], -1)
+        if g.stride(0) != base.stride(0) or g[0].stride() != g[0].contiguous().stride():
+            return None
+        offset += g[0].numel()
+    return base.reshape(batch, -1) if offset == base.stride(0) else None
 
 
 def will_run(use: Use) -> bool:
@@ -115,11 +120,34 @@ class BackwardState:
         engine = self.engine
         with engine.computing():
             found = use_contributions(use, grads, saved, self.batch)
-        mode = engine.mode_for(use.path)
-        found = {name: shaped_for_norm(c, mode) for name, c in found.items()}
+        found = self._shaped(use, found, engine.mode_for(use.path))
         if use.gram_key is not None:
             self._share_gram(use.gram_key, found)
         self.use_done(use, found)
+
+    def _shaped(self, use: Use, found: Mapping, mode: NormMode) -> dict:
+        """The norm mode applied; a small instantiated weight and its bias, in one group, formed side by side."""
+        shaped = {}
+        for name, c in found.items():
+            if type(c) is FactorSum and instantiates(c.source, mode):
+                weight = next((w for w, f in found.items() if f is c.source), None)
+                if weight is not None and self._gathered_together(use, c.source, weight, name):
+                    shaped[weight], shaped[name] = c.source.instantiate_with_bias(c.param_shape)
+        for name, c in found.items():
+            if name not in shaped:
+                shaped[name] = shaped_for_norm(c, mode)
+        return shaped
+
+    def _gathered_together(self, use: Use, weight: Factored, weight_name: str, bias_name: str) -> bool:
+        """A one-block weight small enough to gather (see ``_is_vector``), in its bias' group."""
+        kw, kb = id(use.params[weight_name]), id(use.params[bias_name])
+        return (
+            weight.left.shape[2] == 1
+            and self.plan.group_of[kw] == self.plan.group_of[kb]
+            and self.plan.params[kw].numel() <= VECTOR_ELEMENTS
+            and weight.left.device == self.sq.device
+            and compute_dtype(weight.left.dtype) == self.sq.dtype
+        )
 
     def _share_gram(self, key: tuple, found: Mapping) -> None:
         """Give a Factored contribution the Gram of its input, computed once for all uses reading that input."""
@@ -221,13 +249,13 @@ class BackwardState:
             return
         b = self.batch
         grads = [(c.instantiate() if type(c) is FactorSum else c).grad for _, c in items]
-        flats = [g.reshape(b, -1) for g in grads]
-        flat = flats[0] if len(flats) == 1 else _side_by_side(grads)
+        flat = _side_by_side(grads)
         if flat is None:
-            flat = torch.cat(flats, 1)
+            flats = [g.reshape(b, -1) for g in grads]
+            flat = flats[0] if len(flats) == 1 else torch.cat(flats, 1)
         flat = flat.to(self.sq.dtype)  # half-precision models: norms and sums in float32
         self.sq[row].view(b, 1, 1).baddbmm_(flat.view(b, 1, -1), flat.view(b, -1, 1), alpha=self.scales[row])
-        self.gathered[row] = ([key for key, _ in items], [f.shape[1] for f in flats], flat)
+        self.gathered[row] = ([key for key, _ in items], [g.numel() // b for g in grads], flat)
         for _, c in items:
             self.ledger.release(c)
         self.ledger.hold(Instantiated(flat))

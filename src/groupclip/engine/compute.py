@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..errors import BatchDimensionError
 from ..norms import Factored, Instantiated, generic_contributions
-from ..norms.contributions import Contribution, FactorSum
+from ..norms.contributions import Contribution, FactorSum, ghost_is_smaller
 from .trace import BATCHED, RAW, Use
 
 if TYPE_CHECKING:
@@ -127,17 +127,22 @@ def _rule_batch_free(use: Use, grads, saved, batch: int, wanted) -> dict[str, Co
     return {name: c.to_samples(batch, rows) for name, c in found.items()}
 
 
-def shaped_for_norm(contribution: Contribution, mode: NormMode) -> Contribution:
-    """Apply the norm mode: keep factors for the ghost norm, or instantiate per-sample gradients now."""
+def instantiates(contribution: Contribution, mode: NormMode) -> bool:
+    """Whether the norm mode instantiates this contribution's per-sample gradients (rather than keep factors)."""
     if isinstance(contribution, Instantiated) or mode == "ghost":
-        return contribution
+        return False
     if mode == "instantiate":
-        return contribution.instantiate()
+        return True
     if isinstance(contribution, FactorSum):  # a bias: cheap either way; joins its weight's norm when it can
-        return contribution
-    steps = contribution.steps
-    if isinstance(contribution, Factored):
+        return False
+    factored = isinstance(contribution, Factored)
+    if factored:
         rows, cols = contribution.left.shape[-1], contribution.right.shape[-1]
     else:
         rows, cols = contribution.param_shape
-    return contribution if 2 * steps * steps < rows * cols else contribution.instantiate()
+    return not ghost_is_smaller(factored, contribution.steps, rows, cols)
+
+
+def shaped_for_norm(contribution: Contribution, mode: NormMode) -> Contribution:
+    """Apply the norm mode: keep factors for the ghost norm, or instantiate per-sample gradients now."""
+    return contribution.instantiate() if instantiates(contribution, mode) else contribution

@@ -69,7 +69,7 @@ class ClippingEngine(Lifecycle, MeetingMixin):
         clip_options: options of the clip function factory, e.g. ``{"gamma": 0.05}`` for ``"automatic"``.
         loss_reduction: ``"mean"`` if the loss is the mean of per-sample losses over the batch, ``"sum"`` if it
             is their sum.
-        norm_mode: ``"auto"`` (per layer, ghost norm iff ``2 T^2 < p d``), ``"ghost"`` or ``"instantiate"``; or a
+        norm_mode: ``"auto"`` (per layer, ghost norm iff ``T (p + d) < p d``), ``"ghost"`` or ``"instantiate"``; or a
             mapping ``{module path glob: mode}`` overriding chosen layers.
         batch_args: which arguments of the model's forward carry the batch (their tensors have it as dim 0):
             positional indices and/or keyword names. Default: every tensor argument whose dim 0 equals the first

@@ -30,6 +30,21 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def ghost_is_smaller(factored: bool, steps: int, rows: int, cols: int) -> bool:
+    """The ``"auto"`` norm mode: whether a layer's ghost norm holds less memory than its per-sample gradient.
+
+    A factored layer (linear, convolution; per block, ``rows`` outputs and ``cols`` inputs over ``steps`` positions)
+    keeps both factors, ``T (rows + cols)`` per sample, until its group is clipped, and builds two ``T x T`` Grams;
+    instantiating keeps ``rows * cols`` and lets the factors go. So instantiate when ``rows * cols <= T (rows +
+    cols)``: then it also costs fewer FLOPs (its per-sample product replaces the weight-gradient product, while the
+    Grams would add ``T^2 (rows + cols) >= T rows cols``). Any other layer (an embedding's ``[rows, cols]`` table):
+    ghost while its two Grams, ``2 T^2``, are smaller than the table.
+    """
+    if factored:
+        return steps * (rows + cols) < rows * cols
+    return 2 * steps * steps < rows * cols
+
+
 def _up(t: Tensor) -> Tensor:
     return t.to(compute_dtype(t.dtype))
 
@@ -150,6 +165,20 @@ class Factored:
         left, right = self._blocks()
         per_sample = torch.bmm(left.transpose(1, 2), right)  # [B*G, r, c]
         return Instantiated(per_sample.view(b, *self.param_shape))
+
+    def instantiate_with_bias(self, bias_shape: torch.Size) -> tuple[Instantiated, Instantiated]:
+        """The per-sample weight and bias gradients (one block, a ``bias_side``), written side by side into one
+        ``[B, weight + bias]`` tensor by the two ops that form them: gathered for one norm and one clipped sum, they
+        need no copy (``engine.backward``)."""
+        b, t, _g, r = self.left.shape
+        c = self.right.shape[-1]
+        left, right = _up(self.left).reshape(b, t, r), _up(self.right).reshape(b, t, c)
+        factor = left if self.bias_side == "left" else right
+        both = torch.empty(b, r * c + factor.shape[2], dtype=left.dtype, device=left.device)
+        torch.bmm(left.mT, right, out=both[:, : r * c].view(b, r, c))
+        torch.sum(factor, 1, out=both[:, r * c :])
+        weight = Instantiated(both[:, : r * c].view(b, *self.param_shape))
+        return weight, Instantiated(both[:, r * c :].view(b, *bias_shape))
 
     def clipped(self, coef: Tensor, scale: float, into: Tensor | None = None) -> Tensor:
         """``scale * sum_i coef_i G_i`` (added into ``into`` if given): the coefficient on one factor (the bias side

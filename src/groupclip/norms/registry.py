@@ -61,7 +61,7 @@ class LayerCost:
     Attributes:
         form: ``"factored"``: the weight's per-sample gradient is a sum over ``T`` positions of outer products of
             an output-side (``d``) and an input-side (``p``) factor per block (Linear, convolutions), so the engine
-            keeps both factors for a ghost norm when ``2 T^2 < p d`` and instantiates otherwise; a bias is the
+            keeps both factors for a ghost norm when ``T (p + d) < p d`` and instantiates otherwise; a bias is the
             sum of the output-side factor. ``"indexed"``: ``T`` indices into the ``rows`` of a ``[rows, cols]``
             weight (Embedding). ``"instantiated"``: per-sample gradients of every parameter formed at once
             (normalization layers, the generic fallback).

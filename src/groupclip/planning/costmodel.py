@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from ..grouping import GroupingSpec, ResolvedGrouping, resolve_grouping, trainable_parameters
 from ..norms import GENERIC_COST, LayerCost, find_rule
+from ..norms.contributions import ghost_is_smaller
 from ..norms.registry import CostForm
 from .workload import Workload
 
@@ -76,7 +77,7 @@ class LayerUse:
             return False
         if mode != "auto":
             return mode == "ghost"
-        return 2 * self.steps * self.steps < self.rows * self.cols
+        return ghost_is_smaller(self.form == "factored", self.steps, self.rows, self.cols)
 
     def weight_flops_per_sample(self) -> float:
         """``2 T p d`` (one GEMM of this layer per sample); embeddings count their gather/scatter."""
