@@ -19,6 +19,7 @@ are kept); with ``nonfinite="raise"`` the pass then writes nothing and raises in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -48,7 +49,7 @@ def _side_by_side(grads: list[Tensor]) -> Tensor | None:
     one contiguous ``[B, ...]`` tensor, in order (a norm layer's weight and bias, see ``norms.normalization``; a
     small linear layer's, see ``Factored.instantiate_with_bias``)."""
     base = grads[0]._base
-    if base is None or not base.is_contiguous() or base.dim() < 2:
+    if base is None or not base.is_contiguous() or base.dim() < 2 or base.shape[0] == 0:
         return None
     batch, offset = base.shape[0], 0
     for g in grads:
@@ -255,7 +256,7 @@ class BackwardState:
             flat = flats[0] if len(flats) == 1 else torch.cat(flats, 1)
         flat = flat.to(self.sq.dtype)  # half-precision models: norms and sums in float32
         self.sq[row].view(b, 1, 1).baddbmm_(flat.view(b, 1, -1), flat.view(b, -1, 1), alpha=self.scales[row])
-        self.gathered[row] = ([key for key, _ in items], [g.numel() // b for g in grads], flat)
+        self.gathered[row] = ([key for key, _ in items], [math.prod(g.shape[1:]) for g in grads], flat)
         for _, c in items:
             self.ledger.release(c)
         self.ledger.hold(Instantiated(flat))
