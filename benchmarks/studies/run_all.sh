@@ -15,17 +15,19 @@ $G sweep benchmarks/studies/fashion_grouping.toml --jobs 2 --only seed=0
 $G sweep benchmarks/studies/rotten_tomatoes.toml --jobs 2
 $G sweep benchmarks/studies/fashion_grouping.toml --jobs 2
 # Issue #17: the DP linear probe, the ScatterNet search and its final runs, adaptive thresholds that keep the total
-# (one run per command in fashion_adaptive_total/README.md), then DP full fine-tuning / LoRA (hours on a CPU).
+# (one run per command in fashion_adaptive_total/README.md), the Shakespeare size study, then DP full fine-tuning /
+# LoRA (hours on a CPU).
 $G sweep benchmarks/studies/rotten_tomatoes_probe.toml --jobs 1
 $G sweep benchmarks/studies/fashion_scatternet_search.toml --jobs 1
 $G sweep benchmarks/studies/fashion_scatternet_ema.toml --jobs 1
 $G sweep benchmarks/studies/fashion_scatternet_views.toml --jobs 1
 $G sweep benchmarks/studies/fashion_scatternet.toml --jobs 1
-for g in 2 4 param-wise; do for s in 0 1 2; do
-  name=$([ "$g" = param-wise ] && echo param-wise || echo "blocks$g")
+for g in layer-wise 2 4 param-wise; do for s in 0 1 2; do
+  name=$(case "$g" in layer-wise | param-wise) echo "$g" ;; *) echo "blocks$g" ;; esac)
   out=benchmarks/results/studies/fashion_adaptive_total/$name-adaptive-seed$s
   [ -f "$out/final.json" ] || $G train --recipe fashion-mnist-cnn --grouping "$g" --adaptive --seed "$s" --threads 1 --out "$out"
 done; done
+$G sweep benchmarks/studies/shakespeare_sizes.toml --jobs 2
 $G sweep benchmarks/studies/rotten_tomatoes_finetune.toml --jobs 2
 # With a CUDA GPU, also run the GPU sweeps the study page reads (the committed ones: one H100, 14 runs at a time,
 # ~2 min a run): the full Fashion-MNIST grid and the size study (widths 0.5, 2, 4). Without one they are skipped.
