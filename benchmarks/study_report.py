@@ -29,6 +29,16 @@ OUT = os.path.join(HERE, "results", "studies")
 GROUPING_ORDER = ["all-layer", "2", "4", "layer-wise", "param-wise"]
 CLIPPING_MARKERS = {"fixed": "o", "adaptive": "s", "automatic": "^"}
 GRID, CPU_GRID, SIZE = "fashion_grouping_gpu.toml", "fashion_grouping.toml", "fashion_size_gpu.toml"
+TEXT_SIZES = "shakespeare_sizes.toml"
+ADAPTIVE_TOTAL = os.path.join(OUT, "fashion_adaptive_total")  # run folders <folder>-adaptive-seed<S>
+# run folder prefix -> (the grid's grouping value, label)
+ADAPTIVE_FOLDERS = {
+    "blocks2": ("2", "2 blocks"),
+    "blocks4": ("4", "4 blocks"),
+    "layer-wise": ("layer-wise", "layer-wise"),
+    "param-wise": ("param-wise", "param-wise"),
+}
+TEXT_CLIPPINGS = ("all-layer", "layer-wise", "layer-wise-adaptive")
 Row = dict[str, Any]
 
 
@@ -308,6 +318,104 @@ def shakespeare_plot(spec: SweepSpec) -> None:
     plt.close(fig)
 
 
+def adaptive_total(lines: list[str]) -> None:
+    """Adaptive thresholds that keep the total (CPU runs, one folder per seed) against the grid's fixed and
+    free-floating adaptive cells of the same grouping and all-layer fixed (the table of docs/RESULTS.md, 2b)."""
+    lines += ["## Fashion-MNIST: adaptive thresholds that keep the total, by grouping (eps = 3)", ""]
+    grid = sweep(GRID)
+    cells: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for point, final in collect(grid) if grid else []:
+        cells[(point["grouping"], point["clipping"])].append(100 * final["test_accuracy"])
+    base = statistics.fmean(cells[("all-layer", "fixed")]) if cells[("all-layer", "fixed")] else None
+    lines += [
+        "Command (seed S, CPU, one thread): `groupclip train --recipe fashion-mnist-cnn --grouping G --adaptive --seed "
+        "S --threads 1 --out benchmarks/results/studies/fashion_adaptive_total/<folder>-adaptive-seedS`. Fixed and "
+        f"free-floating: the grid ({command(GRID, 14)}); vs all-layer fixed: against its mean, {num(base, 2)}%.",
+        "",
+        "| grouping | seeds | adaptive, total kept: mean ± std | min – max | fixed | free-floating "
+        "| vs all-layer fixed |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for folder, (grouping, label) in ADAPTIVE_FOLDERS.items():
+        runs = []
+        for seed in range(10):
+            path = os.path.join(ADAPTIVE_TOTAL, f"{folder}-adaptive-seed{seed}", "final.json")
+            if os.path.exists(path):
+                with open(path, encoding="utf-8") as handle:
+                    runs.append((seed, 100 * json.load(handle)["test_accuracy"]))
+        if not runs:
+            continue
+        accs = [a for _s, a in runs]
+        mean = statistics.fmean(accs)
+        spread = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
+        fixed, free = cells[(grouping, "fixed")], cells[(grouping, "adaptive")]
+        fixed_cell = f"{statistics.fmean(fixed):.2f}% ± {statistics.stdev(fixed):.2f}" if len(fixed) > 1 else "-"
+        free_cell = f"{statistics.fmean(free):.2f}%" if free else "-"
+        versus = f"{mean - base:+.2f}" if base is not None else "-"
+        lines.append(
+            f"| {label} | {len(runs)} ({','.join(str(s) for s, _a in runs)}) | **{mean:.2f}%**{spread} | "
+            f"{min(accs):.2f} – {max(accs):.2f} | {fixed_cell} | {free_cell} | {versus} |"
+        )
+    lines.append("")
+
+
+def shakespeare_sizes(lines: list[str]) -> None:
+    """Validation perplexity by width and clipping, and the gap of layer-wise (fixed, adaptive) to all-layer."""
+    lines += ["## Shakespeare char-GPT: model size (width), all-layer vs layer-wise fixed / adaptive (eps = 8)", ""]
+    spec = sweep(TEXT_SIZES)
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for point, final in collect(spec) if spec else []:
+        runs[(point["width"], point["clipping"])].append(final)
+    if not runs:
+        lines += [f"Not run yet ({command(TEXT_SIZES)}).", ""]
+        return
+    finals = [f for group in runs.values() for f in group]
+    lines += [
+        f"Command: {command(TEXT_SIZES)}. Device: {devices(finals)}. Validation perplexity (lower is better), mean ± "
+        "std over seeds; gap = layer-wise mean - all-layer mean (positive: layer-wise is worse), with the seeds "
+        "paired (same seed, same data order) for the spread of the gap.",
+        "",
+        "| width | parameters | clipping | n | perplexity | std | gap | paired gap std | epsilon | min/run |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    parameters = {w: group[0]["info"]["parameters"] for (w, _c), group in runs.items()}
+    widths = sorted(parameters, key=parameters.get)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    series: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
+    for width in widths:
+        base = {f["seed"]: f["val_perplexity"] for f in runs.get((width, "all-layer"), [])}
+        for clipping in TEXT_CLIPPINGS:
+            group = runs.get((width, clipping))
+            if not group:
+                continue
+            ppl = [f["val_perplexity"] for f in group]
+            mean, std = statistics.fmean(ppl), statistics.stdev(ppl) if len(ppl) > 1 else 0.0
+            params = parameters[width]
+            gap = paired = "-"
+            if clipping != "all-layer" and base:
+                gap = f"{mean - statistics.fmean(base.values()):+.2f}"
+                diffs = [f["val_perplexity"] - base[f["seed"]] for f in group if f["seed"] in base]
+                paired = f"{statistics.stdev(diffs):.2f}" if len(diffs) > 1 else "-"
+                series[clipping].append((params, statistics.fmean(diffs) if diffs else 0.0,
+                                         statistics.stdev(diffs) if len(diffs) > 1 else 0.0))  # fmt: skip
+            lines.append(
+                f"| {width} | {params:,} | {clipping} | {len(ppl)} | {mean:.2f} | {std:.2f} | {gap} | {paired} | "
+                f"{num(group[0]['epsilon'], 2)} | {num(statistics.fmean(f['wall_time_s'] for f in group) / 60)} |"
+            )
+    for clipping, points in series.items():
+        ax.errorbar([p for p, _m, _s in points], [m for _p, m, _s in points], yerr=[s for _p, _m, s in points],
+                    marker="o", capsize=3, label=f"{clipping} - all-layer")  # fmt: skip
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set(xscale="log", xlabel="parameters", ylabel="perplexity gap (paired by seed)",
+           title="Shakespeare char-GPT, eps=8: layer-wise minus all-layer")  # fmt: skip
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(OUT, "shakespeare_size_gap.png"), dpi=120)
+    plt.close(fig)
+    lines += ["", "![size gap](shakespeare_size_gap.png)", ""]
+
+
 def main() -> int:
     os.makedirs(OUT, exist_ok=True)
     lines: list[str] = [
@@ -323,11 +431,13 @@ def main() -> int:
     fashion_grouping(lines)
     cpu_cross_check(lines)
     fashion_size(lines)
+    adaptive_total(lines)
     rotten_tomatoes(lines)
     spec = simple(lines, "shakespeare.toml", "Shakespeare: character-level GPT from scratch", percent=False)
     if spec is not None:
         shakespeare_plot(spec)
         lines += ["![perplexity](shakespeare_perplexity.png)", ""]
+    shakespeare_sizes(lines)
     with open(os.path.join(OUT, "STUDY.md"), "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines))
     print("\n".join(lines))
