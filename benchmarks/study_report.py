@@ -84,6 +84,16 @@ def mean_curve(curves: list[tuple[list[int], list[float]]]) -> tuple[list[int], 
     return steps, [statistics.fmean(c[1][i] for c in curves) for i in range(common)]
 
 
+def save_figure(fig, ax, name: str, alt: str, lines: list[str]) -> None:
+    """Legend and grid, write ``OUT/name``, link it from the page."""
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(OUT, name), dpi=120)
+    plt.close(fig)
+    lines += ["", f"![{alt}]({name})", ""]
+
+
 def accuracy_table(axes: list[str], rows: list[Row]) -> list[str]:
     """Mean/std/min/max of the headline in percent, with epsilon, engine-kept memory and wall time per run."""
     out = [
@@ -268,12 +278,7 @@ def fashion_size(lines: list[str]) -> None:
         ylabel="test accuracy (%), mean ± std over 3 seeds",
         title="Fashion-MNIST, eps=3 (H100): all-layer vs layer-wise by size",
     )
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(OUT, "fashion_size.png"), dpi=120)
-    plt.close(fig)
-    lines += ["", "![size](fashion_size.png)", ""]
+    save_figure(fig, ax, "fashion_size.png", "size", lines)
 
 
 def simple(lines: list[str], spec_file: str, title: str, percent: bool = True) -> SweepSpec | None:
@@ -408,12 +413,7 @@ def shakespeare_sizes(lines: list[str]) -> None:
     ax.axhline(0.0, color="grey", linewidth=0.8)
     ax.set(xscale="log", xlabel="parameters", ylabel="perplexity gap (paired by seed)",
            title="Shakespeare char-GPT, eps=8: layer-wise minus all-layer")  # fmt: skip
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(OUT, "shakespeare_size_gap.png"), dpi=120)
-    plt.close(fig)
-    lines += ["", "![size gap](shakespeare_size_gap.png)", ""]
+    save_figure(fig, ax, "shakespeare_size_gap.png", "size gap", lines)
 
 
 def main() -> int:
