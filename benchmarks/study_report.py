@@ -400,19 +400,29 @@ def shakespeare_sizes(lines: list[str]) -> None:
             if clipping != "all-layer" and base:
                 gap = f"{mean - statistics.fmean(base.values()):+.2f}"
                 diffs = [f["val_perplexity"] - base[f["seed"]] for f in group if f["seed"] in base]
-                paired = f"{statistics.stdev(diffs):.2f}" if len(diffs) > 1 else "-"
-                series[clipping].append((params, statistics.fmean(diffs) if diffs else 0.0,
-                                         statistics.stdev(diffs) if len(diffs) > 1 else 0.0))  # fmt: skip
+                spread = statistics.stdev(diffs) if len(diffs) > 1 else None
+                paired = num(spread, 2)
+                series[clipping].append((params, statistics.fmean(diffs) if diffs else 0.0, spread or 0.0))
             lines.append(
                 f"| {width} | {params:,} | {clipping} | {len(ppl)} | {mean:.2f} | {std:.2f} | {gap} | {paired} | "
                 f"{num(group[0]['epsilon'], 2)} | {num(statistics.fmean(f['wall_time_s'] for f in group) / 60)} |"
             )
     for clipping, points in series.items():
-        ax.errorbar([p for p, _m, _s in points], [m for _p, m, _s in points], yerr=[s for _p, _m, s in points],
-                    marker="o", capsize=3, label=f"{clipping} - all-layer")  # fmt: skip
+        ax.errorbar(
+            [p for p, _m, _s in points],
+            [m for _p, m, _s in points],
+            yerr=[s for _p, _m, s in points],
+            marker="o",
+            capsize=3,
+            label=f"{clipping} - all-layer",
+        )
     ax.axhline(0.0, color="grey", linewidth=0.8)
-    ax.set(xscale="log", xlabel="parameters", ylabel="perplexity gap (paired by seed)",
-           title="Shakespeare char-GPT, eps=8: layer-wise minus all-layer")  # fmt: skip
+    ax.set(
+        xscale="log",
+        xlabel="parameters",
+        ylabel="perplexity gap (paired by seed)",
+        title="Shakespeare char-GPT, eps=8: layer-wise minus all-layer",
+    )
     save_figure(fig, ax, "shakespeare_size_gap.png", "size gap", lines)
 
 

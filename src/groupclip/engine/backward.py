@@ -140,14 +140,12 @@ class BackwardState:
         return shaped
 
     def _gathered_together(self, use: Use, weight: Factored, weight_name: str, bias_name: str) -> bool:
-        """A one-block weight small enough to gather (see ``_is_vector``), in its bias' group."""
+        """A one-block weight that will be gathered (see ``_is_vector``), in its bias' group."""
         kw, kb = id(use.params[weight_name]), id(use.params[bias_name])
         return (
             weight.left.shape[2] == 1
             and self.plan.group_of[kw] == self.plan.group_of[kb]
-            and self.plan.params[kw].numel() <= VECTOR_ELEMENTS
-            and weight.left.device == self.sq.device
-            and compute_dtype(weight.left.dtype) == self.sq.dtype
+            and self._gatherable(kw, weight.left)
         )
 
     def _share_gram(self, key: tuple, found: Mapping) -> None:
@@ -236,11 +234,14 @@ class BackwardState:
         """Per-sample gradients small enough to gather: their norms and clipped sums are one op per group."""
         if type(c) is FactorSum:
             c = c.instantiate()
+        return type(c) is Instantiated and self._gatherable(key, c.grad)
+
+    def _gatherable(self, key: int, per_sample: Tensor) -> bool:
+        """A parameter small enough to gather, its per-sample values on the norms' device, in their dtype."""
         return (
-            type(c) is Instantiated
-            and self.plan.params[key].numel() <= VECTOR_ELEMENTS
-            and c.grad.device == self.sq.device
-            and compute_dtype(c.grad.dtype) == self.sq.dtype
+            self.plan.params[key].numel() <= VECTOR_ELEMENTS
+            and per_sample.device == self.sq.device
+            and compute_dtype(per_sample.dtype) == self.sq.dtype
         )
 
     def _gather_vectors(self, row: int) -> None:

@@ -23,8 +23,8 @@ from torch import nn
 class WeightAverage:
     """``average <- decay * average + (1 - decay) * weights`` over ``model``'s trainable parameters.
 
-    The first ``update`` after construction uses the warm-up decay ``min(decay, (1 + n) / (10 + n))`` (n: updates so
-    far), so early averages are not dominated by the random initialisation.
+    Each ``update`` uses the warm-up decay ``min(decay, (1 + n) / (10 + n))`` (n: updates so far), so early averages
+    are not dominated by the random initialisation.
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
