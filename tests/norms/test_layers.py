@@ -638,9 +638,41 @@ def test_small_layer_instantiated_side_by_side_is_exact_without_a_copy(layer, gr
         losses = ce_loss(model, batch)
         with ops:
             losses.sum().backward()
-    # all-layer gathers both layers' gradients into one tensor: one cat for the group, none per layer
-    assert ops.names.count("aten::cat") == (1 if grouping == "all-layer" else 0)
+    # all-layer gathers both layers' gradients into one tensor, param-wise the two bias groups (clipped together at
+    # the end of the pass): one cat each, none per layer
+    assert ops.names.count("aten::cat") == (0 if grouping == "layer-wise" else 1)
     assert ("aten::bmm.out" in ops.names) == (grouping != "param-wise"), ops.names
+
+
+def _norm_stack(depth: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(4, 4), nn.LayerNorm(4), nn.Tanh()]
+    return nn.Sequential(nn.Linear(5, 4), *layers)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_vector_groups_are_clipped_together_at_the_end_whatever_their_number(reduction: str) -> None:
+    """Param-wise, every bias and norm scale is a group of its own. Those groups wait for the end of the pass and
+    are clipped together: one segmented reduction for all their norms, one factor computation -- so the ops they
+    cost do not grow with their number. Exact with unequal thresholds (run_and_compare sets them per group)."""
+    counts = {}
+    for depth in (2, 4):
+        case = LayerCase(lambda depth=depth: _norm_stack(depth), (6, 5))
+        model = make_model(case, torch.float64)
+        batch = make_batch(case, 3, torch.float64)
+        run_and_compare(model, batch, norm_mode="auto", reduction=reduction, clip_fn="abadi", grouping="param-wise")
+
+        ops = _AtenOps()
+        with ClippingEngine(model, grouping="param-wise", loss_reduction=reduction):
+            losses = ce_loss(model, batch)
+            with ops:
+                (losses.mean() if reduction == "mean" else losses.sum()).backward()
+        assert ops.names.count("aten::segment_reduce") == 1, ops.names
+        counts[depth] = ops.names
+    # one clipped sum (addmv) per weight group -- the small weights are instantiated -- and none per vector group:
+    # all vectors share one product and one sum
+    assert {depth: names.count("aten::addmv") for depth, names in counts.items()} == {2: 3, 4: 5}
 
 
 # ---------------------------------------------------------------------- dropout inside the generic fallback

@@ -617,10 +617,11 @@ def _good_step_works(model, opt, private) -> None:
     assert private.last_metrics["samples"] == 8
 
 
-@pytest.mark.parametrize("grouping", ["all-layer", "layer-wise"])
+@pytest.mark.parametrize("grouping", ["all-layer", "layer-wise", "param-wise"])
 def test_non_finite_sample_is_dropped_and_the_round_is_charged(grouping):
     """A sample with a non-finite norm cannot stop the step (that would reveal it): its contribution is dropped
-    (factor 0), the others' are exactly their clipped gradients, the step is taken and charged."""
+    (factor 0), the others' are exactly their clipped gradients, the step is taken and charged. Param-wise clips
+    the bias groups together at the end of the pass (the gathered path)."""
     x, y = _nan_batch()
     keep = torch.arange(len(x)) != 3
     sums, dropped = [], []

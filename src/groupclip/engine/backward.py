@@ -9,7 +9,8 @@ the uses whose taps will run. As taps fire:
   between uses included) goes into its group's row of the ``[groups, B]`` buffer, in units of the threshold;
 * a group whose last parameter is complete is *ready*; the groups a use makes ready are clipped together in one
   *event* -- one finiteness check and one clip-factor computation for all of them -- and their clipped sums are
-  written straight into gradient buffers;
+  written straight into gradient buffers. Groups of per-sample vectors only (biases, norm scales) wait for the
+  end of the pass, where all of them are clipped together (:mod:`groupclip.engine.vectors`);
 * at the end of the backward pass the rest is clipped and the buffers become the parameters' ``.grad``
   (:mod:`groupclip.engine.gradient_write`).
 
@@ -19,7 +20,6 @@ are kept); with ``nonfinite="raise"`` the pass then writes nothing and raises in
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -33,32 +33,11 @@ from .gradient_write import commit
 from .memory import MemoryLedger
 from .plan import is_finite_sum, spans
 from .trace import Trace, Use
+from .vectors import VECTOR_ELEMENTS, PassVectors
 
 if TYPE_CHECKING:
     from .core import ClippingEngine
     from .settings import NormMode
-
-
-# Parameters of at most this many elements (biases, norm scales) are gathered per group: their per-sample gradients
-# are small, and one norm and one clipped sum for all of a group's beats one of each per parameter.
-VECTOR_ELEMENTS = 1 << 16
-
-
-def _side_by_side(grads: list[Tensor]) -> Tensor | None:
-    """``[B, total]`` without a copy when the per-sample gradients are consecutive row-major pieces of each row of
-    one contiguous ``[B, ...]`` tensor, in order (a norm layer's weight and bias, see ``norms.normalization``; a
-    small linear layer's, see ``Factored.instantiate_with_bias``)."""
-    base = grads[0]._base
-    if base is None or not base.is_contiguous() or base.dim() < 2 or base.shape[0] == 0:
-        return None
-    batch, offset = base.shape[0], 0
-    for g in grads:
-        if g._base is not base or g.shape[0] != batch or g.data_ptr() != base.data_ptr() + offset * g.element_size():
-            return None
-        if g.stride(0) != base.stride(0) or g[0].stride() != g[0].contiguous().stride():
-            return None
-        offset += g[0].numel()
-    return base.reshape(batch, -1) if offset == base.stride(0) else None
 
 
 def will_run(use: Use) -> bool:
@@ -104,10 +83,9 @@ class BackwardState:
         self.ready: list[int] = []
         self.buffers: dict[int, Tensor] = {}  # parameter key -> its clipped sum (compute dtype)
         self.dropped: dict[int, Tensor] = {}
-        self.vectors: dict[int, list] = {}  # row -> [(parameter key, small Instantiated)], gathered when clipped
-        self.gathered: dict[int, tuple] = {}  # row -> (keys, sizes, [B, total]) gathered, not yet clipped
         self.grams: dict[tuple, Tensor] = {}
         self.ledger = MemoryLedger(parent=engine.ledger)
+        self.vectors = PassVectors(plan, self.ledger)
         self.finished = False
 
     # ------------------------------------------------------------------ taps
@@ -208,7 +186,7 @@ class BackwardState:
         if uses and norm_added:
             self.kept[key] = uses
         elif len(uses) == 1 and self._is_vector(uses[0], key):
-            self.vectors.setdefault(row, []).append((key, uses[0]))
+            self.vectors.add(row, key, uses[0])
         elif uses:
             target = self.sq[row]
             if len(uses) == 1:
@@ -244,59 +222,61 @@ class BackwardState:
             and compute_dtype(per_sample.dtype) == self.sq.dtype
         )
 
-    def _gather_vectors(self, row: int) -> None:
-        """Add the norm of a row's gathered vectors (one op), keep them as one ``[B, total]`` tensor to clip."""
-        items = self.vectors.pop(row, None)
-        if not items:
-            return
-        b = self.batch
-        grads = [(c.instantiate() if type(c) is FactorSum else c).grad for _, c in items]
-        flat = _side_by_side(grads)
-        if flat is None:
-            flats = [g.reshape(b, -1) for g in grads]
-            flat = flats[0] if len(flats) == 1 else torch.cat(flats, 1)
-        flat = flat.to(self.sq.dtype)  # half-precision models: norms and sums in float32
-        self.sq[row].view(b, 1, 1).baddbmm_(flat.view(b, 1, -1), flat.view(b, -1, 1), alpha=self.scales[row])
-        self.gathered[row] = ([key for key, _ in items], [math.prod(g.shape[1:]) for g in grads], flat)
-        for _, c in items:
-            self.ledger.release(c)
-        self.ledger.hold(Instantiated(flat))
-
-    def _clip_gathered(self, row: int, coef: Tensor, drop: Tensor | None) -> None:
-        keys, sizes, flat = self.gathered.pop(row)
-        whole = Instantiated(flat)
-        self.ledger.release(whole)
-        out = (whole if drop is None else whole.without(drop)).clipped(coef, self.loss_scale)
-        for key, part in zip(keys, out.split(sizes), strict=True):
-            self.buffers[key] = part.view(self.plan.params[key].shape)
-
     def _maybe_clip(self) -> None:
-        """Clip the ready groups now -- unless they all hold only per-sample vectors (biases, norm scales), which
-        wait for the next event: a few bytes more held, one event (a check and a factor computation) fewer."""
+        """Clip the ready groups now -- except groups of per-sample vectors only (biases, norm scales): they wait
+        for the end of the pass, where all of them are clipped together (a few ops for all of them, not a few
+        each; their per-sample gradients are small)."""
         if not self.ready or self.engine.defer_clipping:
             return
-        if all(self.plan.vectors[row] for row in self.ready):
+        rows = [row for row in self.ready if not self.plan.vectors[row]]
+        if not rows:
             return
-        ready, self.ready = self.ready, []
-        self.clip(ready)
+        self.ready = [row for row in self.ready if self.plan.vectors[row]]
+        self.clip(rows)
 
     # ------------------------------------------------------------------ clipping
     def clip(self, rows: list[int]) -> None:
-        """One event: factors for every row (group) in ``rows``, then their clipped sums.
-
-        Consecutive rows get their factors in one op. Only when non-finite norms must be dropped sample by sample
-        (``nonfinite="drop"``) or the clip function is the user's (its bound is checked) does an event look at the
-        values, one sum each; otherwise the pass is checked once, when it commits.
-        """
+        """One event: factors for every row (group) in ``rows``, then their clipped sums."""
         rows = sorted(r for r in rows if not self.clipped[r])
         if not rows:
             return
+        self.vectors.gather(rows, self.sq, self.scales)
+        coefs = self._factors(rows)
+        self.buffers.update(self.vectors.clip(set(rows), self.factors, coefs, self.dropped, self.loss_scale))
+        scale = self.loss_scale
+        for row in rows:
+            coef = coefs[row]
+            drop = self.dropped.get(row)
+            for key in self.plan.members[row]:
+                kept = self.kept.pop(key, None)
+                if not kept:
+                    continue
+                out = None
+                for c in kept:
+                    out = (c if drop is None else c.without(drop)).clipped(coef, scale, out)
+                    self.ledger.release(c)
+                self.buffers[key] = out
+            self.clipped[row] = True
+
+    def _factors(self, rows: list[int]) -> dict[int, Tensor]:
+        """Clip factors of ``rows`` into ``self.factors``: one computation for all of them.
+
+        Consecutive rows are read as a slice, scattered ones gathered by index. Only when non-finite norms must be
+        dropped sample by sample (``nonfinite="drop"``) or the clip function is the user's (its bound is checked)
+        does an event look at the values, one sum each; otherwise the pass is checked once, when it commits.
+        """
         engine = self.engine
         check = self.checks_events
+        runs = spans(rows)
+        if len(runs) > 1 and engine.clip_fn.normalized is not None and engine.clip_fn.bound_proven:
+            index = self.plan.row_index(rows)
+            sq = self.sq.index_select(0, index)
+            if not check or is_finite_sum(sq):
+                factors = engine.clip_factors(sq, index, column=self.column)
+                self.factors.index_copy_(0, index, factors)
+                return dict(zip(rows, factors, strict=True))
         coefs: dict[int, Tensor] = {}
-        for row in rows:
-            self._gather_vectors(row)
-        for span in spans(rows):
+        for span in runs:
             sq = self.sq[span]
             if check and not is_finite_sum(sq):
                 finite = torch.isfinite(sq)
@@ -309,22 +289,7 @@ class BackwardState:
                 factors = engine.clip_factors(sq, span, self.factors[span], self.column)
             for k in range(span.stop - span.start):
                 coefs[span.start + k] = factors[k]
-        scale = self.loss_scale
-        for row in rows:
-            coef = coefs[row]
-            drop = self.dropped.get(row)
-            if row in self.gathered:
-                self._clip_gathered(row, coef, drop)
-            for key in self.plan.members[row]:
-                kept = self.kept.pop(key, None)
-                if not kept:
-                    continue
-                out = None
-                for c in kept:
-                    out = (c if drop is None else c.without(drop)).clipped(coef, scale, out)
-                    self.ledger.release(c)
-                self.buffers[key] = out
-            self.clipped[row] = True
+        return coefs
 
     # ------------------------------------------------------------------ the end
     def finish(self) -> None:
@@ -343,8 +308,8 @@ class BackwardState:
                     if self.pending[key] == 0:
                         self._complete(key)
             trace.deferred.clear()
-        for row in list(self.vectors):  # every norm complete before a deferred pass reports its norms
-            self._gather_vectors(row)
+        # every norm complete before a deferred pass reports its norms
+        self.vectors.gather(sorted(self.vectors.waiting), self.sq, self.scales)
         engine = self.engine
         if engine.defer_clipping:
             engine.deferred.append(self)

@@ -232,9 +232,12 @@ class ClippingEngine(Lifecycle, MeetingMixin):
             raise error
 
     # ------------------------------------------------------------------ used by capture, taps and states
-    def clip_factors(self, sq: Tensor, rows: slice, out: Tensor | None = None, column: Tensor | None = None) -> Tensor:
-        """Factors ``[m, B]`` for squared norms ``sq`` of the groups ``rows``, in units of each one's threshold
-        (``column``: :meth:`threshold_column` if the caller has it)."""
+    def clip_factors(
+        self, sq: Tensor, rows: slice | Tensor, out: Tensor | None = None, column: Tensor | None = None
+    ) -> Tensor:
+        """Factors ``[m, B]`` for squared norms ``sq`` of the groups ``rows`` (a slice, or row indices for a
+        clip function with a proven bound), in units of each one's threshold (``column``: :meth:`threshold_column`
+        if the caller has it)."""
         fn = self.clip_fn
         if fn.normalized is not None:
             if fn.needs_thresholds:

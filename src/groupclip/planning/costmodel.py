@@ -234,11 +234,11 @@ class ModelCost:
                     pending_group[group] -= 1
                     if pending_group[group] == 0:
                         ready.append(group)
-            # as the engine: groups of vectors only (biases, norm scales) wait for the next clip event
-            if ready and not all(vector_group[g] for g in ready):
-                for group in ready:
+            # as the engine: groups of vectors only (biases, norm scales) wait for the end of the pass
+            for group in ready:
+                if not vector_group[group]:
                     held -= release(group)
-                ready = []
+            ready = [group for group in ready if vector_group[group]]
         return peak
 
     def base_peak_bytes(self, batch: int) -> int:
