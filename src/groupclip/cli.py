@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 
 from .errors import GroupClipError
+from .training import sweep_cli
 from .training.datasets import DatasetMissingError
 from .training.recipe import PRIVACY_BUDGET_FIELDS, RecipeError, parse_override
 
@@ -342,48 +343,6 @@ def _print_result(result: dict, run_dir: str | None) -> None:
         print(f"{'run folder':14s}: {run_dir}")
 
 
-def _sweep_parser(sub) -> None:
-    parser = sub.add_parser(
-        "sweep",
-        help="run a grid of a recipe with overrides (resumable) and tabulate the results",
-        description="Run every point of a sweep file (or of --recipe with --axis flags); finished points are skipped.",
-    )
-    parser.add_argument("spec", nargs="?", help="sweep file (.toml); or give --recipe and --axis")
-    parser.add_argument("--recipe", help="recipe for a sweep given by flags")
-    parser.add_argument("--axis", action="append", default=[], metavar="SECTION.FIELD=V1,V2", help="a grid axis")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="shared override")
-    parser.add_argument("--repeat", help="axis averaged over in the table (e.g. seed)")
-    parser.add_argument("--name", default="sweep", help="sweep name (flags form)")
-    parser.add_argument("--out", help="sweep folder (default: runs/sweeps/<name>)")
-    parser.add_argument("--jobs", type=_POSITIVE_INT, default=1, help="runs at a time (each its own process)")
-    parser.add_argument("--only", action="append", default=[], metavar="AXIS=V1,V2", help="run a subset")
-    parser.add_argument("--table", action="store_true", help="only rebuild the results table from finished runs")
-
-
-def _sweep(args) -> int:
-    from .training.sweep import load_sweep, render_table, run_sweep, summarise, sweep_from_flags, write_table
-
-    if args.spec:
-        spec = load_sweep(args.spec)
-    elif args.recipe:
-        spec = sweep_from_flags(args.name, args.recipe, args.axis, args.set, args.repeat)
-    else:
-        raise RecipeError("Give a sweep file, or --recipe with --axis section.field=v1,v2.")
-    if args.out:
-        spec.out = args.out
-    only = {}
-    for text in args.only:
-        axis, _, values = text.partition("=")
-        only[axis] = values.split(",")
-    if args.table:
-        rows = summarise(spec)
-        write_table(spec, rows)
-    else:
-        rows = run_sweep(spec, jobs=args.jobs, only=only)
-    print(render_table(spec, rows))
-    return 0
-
-
 def _accounting_parsers(sub) -> None:
     eps = sub.add_parser(
         "epsilon",
@@ -462,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="groupclip", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
-    _sweep_parser(sub)
+    sweep_cli.add_parser(sub, _POSITIVE_INT)
     _accounting_parsers(sub)
     from .harness import add_parsers, run_bench, run_plan
 
@@ -486,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         from .distributed.data_parallel import PeerFailureError
 
         try:
-            return _train(args) if args.command == "train" else _sweep(args)
+            return _train(args) if args.command == "train" else sweep_cli.run(args)
         except PeerFailureError as exc:  # a dead or hung rank of a distributed launch: a runtime failure
             print(f"groupclip {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
             return 1

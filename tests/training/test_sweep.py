@@ -7,8 +7,10 @@ import os
 
 import pytest
 
+from groupclip.cli import main
 from groupclip.training.recipe import RecipeError
 from groupclip.training.sweep import (
+    add_shared_overrides,
     collect,
     grid,
     load_sweep,
@@ -69,6 +71,27 @@ def test_grid_and_overrides(tmp_path):
         grid(spec, {"width": ["1"]})
     with pytest.raises(RecipeError, match=r"unknown value\(s\) \['3'\]"):
         grid(spec, {"grouping": ["3"]})
+
+
+def test_set_flags_apply_to_a_sweep_file_after_its_own_set(tmp_path):
+    spec = _spec(tmp_path)
+    add_shared_overrides(spec, ["run.threads=2", "schedule.max_steps=5"])
+    point = {"grouping": "2", "clipping": "fixed", "seed": "1"}
+    assert overrides_of(spec, point)["run.threads"] == 2 and overrides_of(spec, point)["schedule.max_steps"] == 5
+    add_shared_overrides(spec, ["run.seed=7"])  # an axis value still wins
+    assert overrides_of(spec, point)["run.seed"] == 1
+    with pytest.raises(RecipeError, match="has no field 'thread'"):
+        add_shared_overrides(spec, ["run.thread=2"])
+
+
+@pytest.mark.parametrize("flags", [["--axis", "run.seed=0,1"], ["--recipe", "default"], ["--repeat", "seed"]])
+def test_flags_form_options_with_a_sweep_file_are_one_line_errors(tmp_path, flags, capsys):
+    path = tmp_path / "tiny.toml"
+    path.write_text(SPEC.format(out=tmp_path / "out"))
+    assert main(["sweep", str(path), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and flags[0] in err, err
+    assert not (tmp_path / "out").exists()  # nothing ran
 
 
 def test_flags_form_and_checks():

@@ -39,7 +39,7 @@ def test_embedding_is_per_example() -> None:
 
     options = {"name": "minilm", "freeze_embeddings": False, "pooling": "mean", "train": "head", "lora_rank": 8}
     tokenizer, classifier, _ = load_minilm(options, 0)
-    train, _ = load_splits({"test_fraction": 0.2, "limit": 6, "test_limit": 1})
+    train, _ = load_splits({"test_fraction": 0.2, "limit": 6, "test_limit": 1, "holdout": 0})
     data = tokenize(tokenizer, train, 24)
     collate = PadCollate(tokenizer.pad_token_id)
     together = sentence_embeddings(classifier.encoder, data, collate)

@@ -13,9 +13,11 @@ from torch import nn
 from groupclip.training.recipe import RecipeError, load_recipe
 from groupclip.training.tasks import TaskSetup, known_tasks
 from groupclip.training.tasks.text import (
+    DATA_DEFAULTS,
     PadCollate,
     build_sentence_classification,
     freeze_embeddings,
+    load_splits,
     trim_padding,
 )
 
@@ -143,11 +145,20 @@ def test_unknown_keys_are_errors(data: dict, model: dict, key: str) -> None:
         ({}, {"pooling": "max"}, "pooling = 'max'"),
         ({}, {"train": "adapters"}, "train = 'adapters'"),
         ({}, {"train": "lora", "lora_rank": 0}, "lora_rank = 0"),
+        ({"holdout": -1}, {}, "holdout = -1"),
+        ({"holdout": 10**6}, {}, "holdout = 1000000: must be below"),
     ],
 )
 def test_bad_values_are_errors_before_loading(data: dict, model: dict, match: str) -> None:
     with pytest.raises(RecipeError, match=match):
         build_sentence_classification(data, model, 0)
+
+
+def test_holdout_evaluates_on_the_last_training_examples_and_never_reads_the_test_set() -> None:
+    train, test = load_splits(DATA_DEFAULTS)
+    held_train, val = load_splits({**DATA_DEFAULTS, "holdout": 500})
+    assert val.texts == train.texts[-500:] and val.labels == train.labels[-500:]
+    assert held_train.texts == train.texts[:-500] and test.texts != val.texts[: len(test.texts)]
 
 
 def test_recipe_loads() -> None:

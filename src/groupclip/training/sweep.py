@@ -119,6 +119,15 @@ def sweep_from_flags(name: str, recipe: str, axes: list[str], common: list[str],
     return spec
 
 
+def add_shared_overrides(spec: SweepSpec, texts: list[str]) -> None:
+    """Apply ``--set key=value`` flags to a sweep file's shared overrides (after the file's own ``set``; each
+    point's axis values still apply last), checked against the recipe."""
+    if not texts:
+        return
+    spec.common.update(parse_override(text) for text in texts)
+    check_sweep(spec)
+
+
 def check_sweep(spec: SweepSpec) -> None:
     names = [a.name for a in spec.axes]
     if len(set(names)) != len(names):

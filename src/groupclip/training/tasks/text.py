@@ -44,6 +44,7 @@ DATA_DEFAULTS: dict[str, Any] = {
     "max_length": 64,
     "limit": 0,
     "test_limit": 0,
+    "holdout": 0,
 }
 MODEL_DEFAULTS: dict[str, Any] = {
     "name": "minilm",
@@ -139,13 +140,30 @@ def accuracy_and_loss(model: nn.Module, data: TokenizedText, collate: PadCollate
 
 
 def load_splits(data: dict[str, Any]) -> tuple[TextSplit, TextSplit]:
-    """The train and test splits (split seed 0: the same test set in every run), cut to the limits."""
+    """The train and evaluation splits (split seed 0: the same test set in every run), cut to the limits. With
+    ``holdout = N`` the evaluation split is the last N training examples (a validation set for tuning: the test set
+    is not read) and training uses the rest."""
     train, test = load_rotten_tomatoes(data["test_fraction"], seed=0)
+    if data["holdout"]:
+        if data["holdout"] >= len(train.texts):
+            raise RecipeError(
+                f"[data] holdout = {data['holdout']}: must be below the {len(train.texts)} training examples."
+            )
+        cut = len(train.texts) - data["holdout"]
+        train, test = (
+            TextSplit(train.texts[:cut], train.labels[:cut]),
+            TextSplit(train.texts[cut:], train.labels[cut:]),
+        )
     if data["limit"]:
         train = TextSplit(train.texts[: data["limit"]], train.labels[: data["limit"]])
     if data["test_limit"]:
         test = TextSplit(test.texts[: data["test_limit"]], test.labels[: data["test_limit"]])
     return train, test
+
+
+def split_name(data: dict[str, Any]) -> str:
+    """``"val"`` when evaluating on a held-out part of the training set, else ``"test"``."""
+    return "val" if data["holdout"] else "test"
 
 
 def tokenize(tokenizer: Any, split: TextSplit, max_length: int) -> TokenizedText:
@@ -271,7 +289,7 @@ def check_options(data: dict[str, Any], model: dict[str, Any]) -> None:
         raise RecipeError(f"[model] name = {model['name']!r}: the sentence-classification task builds 'minilm'.")
     if not isinstance(data["test_fraction"], int | float) or not 0 < data["test_fraction"] < 1:
         raise RecipeError(f"[data] test_fraction = {data['test_fraction']!r}: expected a number in (0, 1).")
-    for key in ("max_length", "limit", "test_limit"):
+    for key in ("max_length", "limit", "test_limit", "holdout"):
         if not isinstance(data[key], int) or isinstance(data[key], bool) or data[key] < 0:
             raise RecipeError(f"[data] {key} = {data[key]!r}: expected a non-negative integer.")
     if data["max_length"] < 2:
@@ -290,7 +308,7 @@ def check_options(data: dict[str, Any], model: dict[str, Any]) -> None:
 
 @register_task("sentence-classification")
 def build_sentence_classification(data: dict[str, Any], model: dict[str, Any], seed: int) -> TaskSetup:
-    """Sentence classification; ``[data]``: name, test_fraction, max_length, limit, test_limit;
+    """Sentence classification; ``[data]``: name, test_fraction, max_length, limit, test_limit, holdout;
     ``[model]``: name, freeze_embeddings, pooling, train, lora_rank."""
     data = take_options("data", data, DATA_DEFAULTS)
     model = take_options("model", model, MODEL_DEFAULTS)
@@ -300,24 +318,25 @@ def build_sentence_classification(data: dict[str, Any], model: dict[str, Any], s
     train = tokenize(tokenizer, train_text, data["max_length"])
     test = tokenize(tokenizer, test_text, data["max_length"])
     collate = PadCollate(tokenizer.pad_token_id)
+    split = split_name(data)
 
     def evaluate(net: nn.Module) -> dict[str, float]:
         acc, mean_loss = accuracy_and_loss(net, test, collate)
-        return {"test_accuracy": acc, "test_loss": mean_loss}
+        return {f"{split}_accuracy": acc, f"{split}_loss": mean_loss}
 
     return TaskSetup(
         model=net,
         train=train,
         loss=sequence_loss,
         evaluate=evaluate,
-        headline="test_accuracy",
+        headline=f"{split}_accuracy",
         higher_is_better=True,
         example_batch=collate([train[i] for i in range(min(4, len(train)))]),
         collate=collate,
         info={
             "data": data["name"],
             "train_size": len(train),
-            "test_size": len(test),
+            f"{split}_size": len(test),
             "max_length": data["max_length"],
             "model": "all-MiniLM-L6-v2",
             "trainable_parameters": sum(p.numel() for p in net.parameters() if p.requires_grad),

@@ -29,6 +29,7 @@ from .text import (
     load_minilm,
     load_splits,
     mean_pool,
+    split_name,
     tokenize,
 )
 
@@ -78,13 +79,15 @@ def build_sentence_probe(data: dict[str, Any], model: dict[str, Any], seed: int)
         x, y = batch
         return F.cross_entropy(net(x), y, reduction="sum")
 
+    split = split_name(data)
+
     @torch.no_grad()
     def evaluate(net: nn.Module) -> dict[str, float]:
         logits = net(test_x.to(model_device(net)))
         labels = test_y.to(logits.device)
         return {
-            "test_accuracy": float((logits.argmax(1) == labels).float().mean()),
-            "test_loss": float(F.cross_entropy(logits, labels)),
+            f"{split}_accuracy": float((logits.argmax(1) == labels).float().mean()),
+            f"{split}_loss": float(F.cross_entropy(logits, labels)),
         }
 
     return TaskSetup(
@@ -92,13 +95,13 @@ def build_sentence_probe(data: dict[str, Any], model: dict[str, Any], seed: int)
         train=TensorDataset(train_x, train_y),
         loss=loss,
         evaluate=evaluate,
-        headline="test_accuracy",
+        headline=f"{split}_accuracy",
         higher_is_better=True,
         example_batch=(train_x[:4], train_y[:4]),
         info={
             "data": data["name"],
             "train_size": len(train_y),
-            "test_size": len(test_y),
+            f"{split}_size": len(test_y),
             "max_length": data["max_length"],
             "model": "linear head on frozen all-MiniLM-L6-v2 (mean-pooled, normalised)",
             "trainable_parameters": sum(p.numel() for p in head.parameters()),
