@@ -205,7 +205,7 @@ class BackwardState:
                     self.ledger.hold(c)
             self.kept[key] = kept
         self.group_left[row] -= 1
-        if self.group_left[row] == 0:
+        if self.group_left[row] == 0 and not self.plan.vectors[row]:  # vector-only rows wait for the end
             self.ready.append(row)
 
     def _is_vector(self, c, key: int) -> bool:
@@ -228,10 +228,7 @@ class BackwardState:
         each; their per-sample gradients are small)."""
         if not self.ready or self.engine.defer_clipping:
             return
-        rows = [row for row in self.ready if not self.plan.vectors[row]]
-        if not rows:
-            return
-        self.ready = [row for row in self.ready if self.plan.vectors[row]]
+        rows, self.ready = self.ready, []
         self.clip(rows)
 
     # ------------------------------------------------------------------ clipping

@@ -86,7 +86,10 @@ class PassVectors:
         if len(rows) == 1:
             sq[rows[0]].view(b, 1, 1).baddbmm_(flat.view(b, 1, -1), flat.view(b, -1, 1), alpha=scales[rows[0]])
         else:
-            widths = [sum(n for (r, _, _), n in zip(items, sizes, strict=True) if r == row) for row in rows]
+            width_of = dict.fromkeys(rows, 0)
+            for (row, _, _), n in zip(items, sizes, strict=True):
+                width_of[row] += n
+            widths = [width_of[row] for row in rows]
             layout = self.plan.vector_layout(rows, widths)
             parts = torch.segment_reduce((flat * flat).t(), "sum", lengths=layout.widths, axis=0)  # [rows, B]
             distinct = {scales[row] for row in rows}
