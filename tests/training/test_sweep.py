@@ -94,6 +94,18 @@ def test_flags_form_options_with_a_sweep_file_are_one_line_errors(tmp_path, flag
     assert not (tmp_path / "out").exists()  # nothing ran
 
 
+def test_a_dotted_variant_label_is_named(tmp_path):
+    path = tmp_path / "dotted.toml"
+    path.write_text(
+        'name = "d"\nrecipe = "default"\n[[axes]]\nname = "R"\n[axes.variants]\n'
+        'R0.1 = { "clipping.max_grad_norm" = 0.1 }\n'
+    )
+    with pytest.raises(RecipeError, match=r"variant 'R0' holds a nested table; a label with a dot must be quoted"):
+        load_sweep(str(path))
+    path.write_text(path.read_text().replace("R0.1 =", '"R0.1" ='))
+    assert list(load_sweep(str(path)).axes[0].points) == ["R0.1"]
+
+
 def test_flags_form_and_checks():
     spec = sweep_from_flags("f", "default", ["clipping.grouping=all-layer,layer-wise", "run.seed=0,1"], [], "seed")
     assert [a.name for a in spec.axes] == ["grouping", "seed"]

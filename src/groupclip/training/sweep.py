@@ -73,6 +73,12 @@ def axis_from_table(table: dict[str, Any], source: str) -> Axis:
         variants = table["variants"]
         if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
             raise RecipeError(f"{source}: axis {name!r}: variants must map labels to tables of overrides.")
+        for label, overrides in variants.items():
+            if any(isinstance(v, dict) for v in overrides.values()):  # `a.b = {...}` is TOML for a = {b = {...}}
+                raise RecipeError(
+                    f"{source}: axis {name!r}: variant {label!r} holds a nested table; a label with a dot must be "
+                    'quoted ("R0.1" = { ... }).'
+                )
         return Axis(name, {str(k): dict(v) for k, v in variants.items()})
     if not isinstance(table.get("key"), str) or not isinstance(table.get("values"), list) or not table["values"]:
         raise RecipeError(f"{source}: axis {name!r} needs key = 'section.field' and a non-empty values list.")
