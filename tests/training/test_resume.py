@@ -26,7 +26,7 @@ from groupclip.accounting import compute_epsilon
 from groupclip.cli import main
 from groupclip.training import apply_overrides, load_recipe, plots, recipe_to_toml, train
 from groupclip.training import loop as loop_module
-from groupclip.training.checkpoint import PAUSE_ENV, load_checkpoint
+from groupclip.training.checkpoint import PAUSE_ENV, load_checkpoint, remove_stale_temporaries
 from groupclip.training.launch import Launch
 from groupclip.training.private_loop import PrivateLoop
 from groupclip.training.tasks import build_task
@@ -123,6 +123,10 @@ def test_killed_at_a_random_step_and_during_a_checkpoint_write_resumes_bit_ident
     resumed_at = load_checkpoint(str(run))["step"]
     assert EVERY <= resumed_at < TOTAL and resumed_at % EVERY == 0, note
     assert not (run / "final.json").exists()
+    # A kill between a save's last write and its rename leaves a whole temporary file behind. The resumed run
+    # removes it when it starts, but step 2 watches for the temporary file of the resumed run's own save, so clear
+    # it now rather than race the new process' start.
+    remove_stale_temporaries(str(run))
 
     # 2. Resume, and SIGKILL it in the middle of writing its first checkpoint: the temporary file is half written.
     pause_at = resumed_at + EVERY
