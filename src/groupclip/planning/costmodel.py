@@ -202,7 +202,6 @@ class ModelCost:
         refs: dict[str, list[int]] = {}
         dims = {name: d for use in self.uses for name, d in use.dims.items()}
         vector_group = {g: all(dims.get(n, 2) <= 1 for n in names) for g, names in resolved.groups.items()}
-        ready: list[str] = []
         held = peak = 0
 
         def release(group: str) -> int:
@@ -232,13 +231,9 @@ class ModelCost:
                 if pending_param[name] == 0:
                     group = group_of[name]
                     pending_group[group] -= 1
-                    if pending_group[group] == 0:
-                        ready.append(group)
-            # as the engine: groups of vectors only (biases, norm scales) wait for the end of the pass
-            for group in ready:
-                if not vector_group[group]:
-                    held -= release(group)
-            ready = [group for group in ready if vector_group[group]]
+                    # as the engine: groups of vectors only (biases, norm scales) wait for the end of the pass
+                    if pending_group[group] == 0 and not vector_group[group]:
+                        held -= release(group)
         return peak
 
     def base_peak_bytes(self, batch: int) -> int:
