@@ -49,6 +49,12 @@ def configure(bench: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also run Opacus' modes with [B, T] position ids passed explicitly (its workaround for HF models)",
     )
+    bench.add_argument(
+        "--noise",
+        action="store_true",
+        help="also the DP step as users run it (make_private, noise multiplier 1) per groupclip style, and the "
+        "non-private step plus the noise drawn alone (the floor)",
+    )
     bench.add_argument("--no-max-batch", action="store_true", help="skip the largest-batch measurement")
     bench.add_argument("--batch-size", type=int, help="batch size (default: each preset's)")
     bench.add_argument("--seq-len", type=int, help="sequence length (default: each preset's)")
@@ -139,6 +145,7 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> int:
         memory_cap_bytes=cap,
         max_batch=not args.no_max_batch,
         planned_grouping=planned,
+        noise=args.noise,
     )
     name = args.name or ("bench_smoke" if args.smoke else f"bench_{args.suite or '_'.join(models)}_{device}")
     started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")

@@ -6,6 +6,13 @@ from pathlib import Path
 from typing import Any
 
 MB = 1024 * 1024
+NOISE_TEXT = (
+    "A configuration without a suffix is clipping alone (the engine; the optimizer steps on clipped gradients). "
+    "*+noise* is the DP step as users run it: `make_private` with noise multiplier 1 (clipping, noise, accounting); "
+    "*non-private+noise* is the non-private step plus the noise drawn alone (N(0, 1) of every trainable parameter's "
+    "size, one draw per parameter, scaled and added to its gradient), the floor no private step avoids; *x floor* is "
+    "a noisy step over that floor's step in the same round (median over rounds). "
+)
 
 
 def _x(value: float | None, digits: int = 2) -> str:
@@ -39,25 +46,26 @@ def render_markdown(result: dict[str, Any]) -> str:
         + ("RSS of the process" if cfg["device"] == "cpu" else "CUDA memory allocated")
         + ". *kept* is what the engine keeps beyond non-private autograd (its memory ledger), *predicted* the "
         "analytic cost model (`groupclip.planning.costmodel`: parameter-layer FLOPs; kept bytes by replaying the "
-        "backward pass). No noise is added by any configuration (clipping cost only). Started "
-        f"{result.get('started', '-')}, finished {result.get('finished', '-')}.",
+        "backward pass). "
+        + (NOISE_TEXT if cfg.get("noise") else "No noise is added by any configuration (clipping cost only). ")
+        + f"Started {result.get('started', '-')}, finished {result.get('finished', '-')}.",
         "",
     ]
     for model, data in summary["models"].items():
         lines += [f"## {model}", "", data.get("description", ""), ""]
         lines.append(
-            "| configuration | step (s) | time x | predicted time x | peak (MB) | memory x | kept (MB) | "
+            "| configuration | step (s) | time x | x floor | predicted time x | peak (MB) | memory x | kept (MB) | "
             "predicted kept (MB) | kept error | predicted peak (MB) | peak error |"
         )
-        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         failures = []
         for label, row in data["rows"].items():
             if "error" in row:
-                lines.append(f"| {label} | failed | | | | | | | | | |")
+                lines.append(f"| {label} | failed | | | | | | | | | | |")
                 failures.append(f"- **{label}** failed: `{row['error']}`")
                 continue
             lines.append(
-                f"| {label} | {row['median_step_s']:.3f} | {_x(row['time_ratio'])} | "
+                f"| {label} | {row['median_step_s']:.3f} | {_x(row['time_ratio'])} | {_x(row.get('floor_ratio'))} | "
                 f"{_x(row.get('predicted_time_ratio'))} | {_mb(row['peak_bytes'])} | {_x(row['memory_ratio'])} | "
                 f"{_mb(row.get('engine_held_bytes'))} | {_mb(row.get('predicted_kept_bytes'))} | "
                 f"{_pct(row.get('kept_error'))} | {_mb(row.get('predicted_peak_bytes'))} | "
@@ -80,10 +88,11 @@ def render_markdown(result: dict[str, Any]) -> str:
                 )
             lines.append("")
     if summary["targets"]:
-        lines += ["## Targets (issue #4)", "", "| model | measure | target | measured | |", "|---|---|---|---:|---|"]
+        lines += ["## Targets", "", "| issue | model | measure | target | measured | |", "|---|---|---|---|---:|---|"]
         for t in summary["targets"]:
             verdict = "not measured" if t["met"] is None else ("met" if t["met"] else "**missed**")
-            lines.append(f"| {t['model']} | {t['what']} | {t['limit']} | {_x(t['value'])} | {verdict} |")
+            issue = f"#{t['issue']}" if "issue" in t else "-"
+            lines.append(f"| {issue} | {t['model']} | {t['what']} | {t['limit']} | {_x(t['value'])} | {verdict} |")
         lines.append("")
     plots = result.get("plots", {})
     if plots:

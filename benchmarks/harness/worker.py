@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 RESULT_PREFIX = "RESULT "
+NOISE_SUFFIX = "+noise"
+NOISE_MULTIPLIER = 1.0
 
 
 @dataclass
@@ -33,6 +35,9 @@ class RunSpec:
         grouping: explicit grouping (list of lists of parameter names) for ``style="planned"``.
         predict: also run the cost model after timing and report its predictions for this configuration.
         search_max_batch: CUDA only: find the largest batch that fits by doubling then bisection.
+        noise: the DP step as users run it. A groupclip style runs under ``make_private`` (noise multiplier 1:
+            clipping, noise, accounting); ``non-private`` draws the noise alone (N(0, 1) of every trainable
+            parameter's size, scaled and added to its gradient): the floor no private step avoids.
     """
 
     model: str
@@ -52,14 +57,20 @@ class RunSpec:
     opacus_explicit_positions: bool = False
     search_max_batch: bool = False
     max_batch_limit: int = 4096
+    noise: bool = False
+
+    def __post_init__(self) -> None:
+        if self.noise and self.style.startswith("opacus"):
+            raise ValueError(f"style {self.style!r} with noise=True: Opacus' modes are measured without noise.")
 
     @property
     def label(self) -> str:
         if self.style.startswith("opacus"):
             return self.style + ("+positions" if self.opacus_explicit_positions else "")
-        return (
+        label = (
             self.style if self.norm_mode == "auto" or self.style == "non-private" else f"{self.style}/{self.norm_mode}"
         )
+        return label + NOISE_SUFFIX if self.noise else label
 
 
 @dataclass
@@ -109,7 +120,9 @@ class _Trainer:
 
         self.work = work
         self.engine = None
+        self.private = None
         self.opacus = None
+        self.noise_alone = None
         if spec.style.startswith("opacus"):
             from .opacus_modes import make_opacus_step
 
@@ -118,32 +131,76 @@ class _Trainer:
             self.opacus = make_opacus_step(work, spec.style, spec.max_grad_norm, spec.lr)
             return
         self.optimizer = torch.optim.SGD(work.model.parameters(), lr=spec.lr)
-        if spec.style != "non-private":
-            grouping = spec.grouping if spec.style == "planned" else style_grouping(spec.style)
-            if grouping is None:
-                raise ValueError("style 'planned' needs an explicit grouping (RunSpec.grouping).")
-            self.engine = ClippingEngine(
+        if spec.style == "non-private":
+            if spec.noise:
+                self.noise_alone = NoiseAlone(work.model, spec.max_grad_norm / work.batch_size, spec.seed)
+            return
+        grouping = spec.grouping if spec.style == "planned" else style_grouping(spec.style)
+        if grouping is None:
+            raise ValueError("style 'planned' needs an explicit grouping (RunSpec.grouping).")
+        if spec.noise:
+            from groupclip import make_private
+
+            self.private = make_private(
                 work.model,
+                self.optimizer,
                 grouping=grouping,
                 max_grad_norm=spec.max_grad_norm,
                 loss_reduction="mean",
                 norm_mode=spec.norm_mode,
-            ).attach()
+                noise_multiplier=NOISE_MULTIPLIER,
+                batch_size=work.batch_size,
+                data_size=100 * work.batch_size,
+            )
+            self.engine = self.private.engine
+            return
+        self.engine = ClippingEngine(
+            work.model,
+            grouping=grouping,
+            max_grad_norm=spec.max_grad_norm,
+            loss_reduction="mean",
+            norm_mode=spec.norm_mode,
+        ).attach()
 
     def step(self) -> float:
         if self.opacus is not None:
             return self.opacus.step()
         loss = self.work.loss()
         loss.backward()
+        if self.noise_alone is not None:
+            self.noise_alone.add()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
     def close(self) -> None:
-        if self.engine is not None:
+        if self.private is not None:
+            self.private.detach()
+        elif self.engine is not None:
             self.engine.detach()
         if self.opacus is not None:
             self.opacus.close()
+
+
+class NoiseAlone:
+    """What drawing the noise costs on its own: N(0, std^2) of every trainable parameter's size added to its
+    gradient, one draw per parameter from a generator on the parameter's device (no clipping, no accounting)."""
+
+    def __init__(self, model, std: float, seed: int) -> None:
+        import torch
+
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.std = std * NOISE_MULTIPLIER
+        device = self.params[0].device if self.params else torch.device("cpu")
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def add(self) -> None:
+        import torch
+
+        for p in self.params:
+            if p.grad is not None:
+                noise = torch.randn(p.shape, generator=self.generator, device=p.device, dtype=p.grad.dtype)
+                p.grad.add_(noise, alpha=self.std)
 
 
 def _sync(device: str) -> None:

@@ -76,3 +76,34 @@ def test_failures_are_kept_with_their_error_and_targets_report_misses() -> None:
     assert verdicts[("gpt2-small", "param-wise time ratio")]["met"] is None  # not measured, not faked
     speedup = next(t for t in summary["targets"] if t["what"].startswith("speedup"))
     assert speedup["value"] == pytest.approx(2.0) and speedup["met"] is True
+
+
+def test_noisy_rows_are_paired_with_the_noise_floor_of_their_round_and_judged_against_it() -> None:
+    cfg = SuiteConfig(models=["vit-base"], memory_cap_bytes=10 * GiB, noise=True)
+    runs = [
+        _run("non-private", 0, 1.0, GiB),
+        _run("non-private+noise", 0, 1.2, GiB),
+        _run("layer-wise+noise", 0, 1.32, GiB),
+        _run("non-private", 1, 2.0, GiB),  # a slow round: the floor of round 1 is used for round 1 only
+        _run("non-private+noise", 1, 2.4, GiB),
+        _run("layer-wise+noise", 1, 2.52, GiB),
+    ]
+    for r in runs:
+        r["spec"]["model"] = "vit-base"
+    summary = summarise(cfg, runs)
+    rows = summary["models"]["vit-base"]["rows"]
+    assert rows["layer-wise+noise"]["floor_ratio"] == pytest.approx((1.1 + 1.05) / 2)
+    assert rows["layer-wise+noise"]["time_ratio"] == pytest.approx((1.32 + 1.26) / 2)
+    assert "floor_ratio" not in rows["non-private+noise"]
+    verdicts = {(t["issue"], t["what"]): t for t in summary["targets"]}
+    assert verdicts[(13, "layer-wise+noise floor ratio")]["met"] is False  # 1.075 > 1.05
+    assert (13, "param-wise+noise floor ratio") not in verdicts  # a style not run with noise is not listed
+
+
+def test_noise_configurations_are_only_added_when_asked_and_never_for_opacus() -> None:
+    plain = SuiteConfig(models=["m"], styles=["non-private", "layer-wise"], norm_modes=False, opacus=True)
+    noisy = SuiteConfig(models=["m"], styles=["non-private", "layer-wise"], norm_modes=False, opacus=True, noise=True)
+    assert not any(s.noise for s in plain.run_specs("m"))
+    labels = [s.label for s in noisy.run_specs("m")]
+    assert "non-private+noise" in labels and "layer-wise+noise" in labels
+    assert not any(label.startswith("opacus") and label.endswith("+noise") for label in labels)
