@@ -30,6 +30,7 @@ for g in layer-wise 2 4 param-wise; do for s in 0 1 2; do
   [ -f "$out/final.json" ] || $G train --recipe fashion-mnist-cnn --grouping "$g" --adaptive --seed "$s" --threads 1 --out "$out"
 done; done
 $G sweep benchmarks/studies/shakespeare_sizes.toml --jobs 2
+$G sweep benchmarks/studies/rotten_tomatoes_lora.toml --jobs 1
 $G sweep benchmarks/studies/rotten_tomatoes_finetune.toml --jobs 2
 # With a CUDA GPU, also run the GPU sweeps the study page reads (the committed ones: one H100, 14 runs at a time,
 # ~2 min a run): the full Fashion-MNIST grid and the size study (widths 0.5, 2, 4). Without one they are skipped.

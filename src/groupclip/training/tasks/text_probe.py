@@ -51,7 +51,8 @@ def sentence_embeddings(encoder: nn.Module, data: TokenizedText, collate: PadCol
     return out
 
 
-def _embed(split: Any, tokenizer: Any, encoder: nn.Module, max_length: int) -> Tensor:
+def cached_embeddings(split: Any, tokenizer: Any, encoder: nn.Module, max_length: int) -> Tensor:
+    """:func:`sentence_embeddings` of ``split``'s texts, computed once and cached on disk (keyed by the texts)."""
     name = f"minilm-embeddings-{digest(repr((max_length, split.texts)).encode())}"
     collate = PadCollate(tokenizer.pad_token_id)
     compute = lambda: sentence_embeddings(encoder, tokenize(tokenizer, split, max_length), collate)  # noqa: E731
@@ -68,8 +69,8 @@ def build_sentence_probe(data: dict[str, Any], model: dict[str, Any], seed: int)
     train_text, test_text = load_splits(data)
     tokenizer, classifier, _ = load_minilm(frozen, seed)
     encoder = classifier.encoder
-    train_x = _embed(train_text, tokenizer, encoder, data["max_length"])
-    test_x = _embed(test_text, tokenizer, encoder, data["max_length"])
+    train_x = cached_embeddings(train_text, tokenizer, encoder, data["max_length"])
+    test_x = cached_embeddings(test_text, tokenizer, encoder, data["max_length"])
     train_y = torch.tensor(train_text.labels, dtype=torch.long)
     test_y = torch.tensor(test_text.labels, dtype=torch.long)
     torch.manual_seed(seed)

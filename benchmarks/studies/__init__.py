@@ -1,0 +1,1 @@
+"""Study scripts (see each module docstring)."""
