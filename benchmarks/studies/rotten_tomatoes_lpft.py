@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from groupclip import make_private
-from groupclip.accounting import PrivacyAccountant
+from groupclip.accounting import PrivacyAccountant, calibrate_noise_multiplier
 from groupclip.sampling import expected_steps, physical_batches
 from groupclip.training.tasks import text, text_probe
 
@@ -107,24 +106,10 @@ def run_steps(private, model, optimizer, loader, steps: int, step_fn, log, evalu
 
 
 def calibrate_after(prior: PrivacyAccountant, target: float, delta: float, rate: float, steps: int) -> float:
-    """The smallest noise multiplier (to 0.1%) whose steps, composed after ``prior``'s, stay within ``target``."""
-
-    def epsilon(sigma: float) -> float:
-        acc = PrivacyAccountant(prior.kind)
-        for entry in prior.ledger:
-            acc.step(entry.noise_multiplier, entry.sample_rate, entry.steps)
-        acc.step(sigma, rate, steps)
-        return acc.epsilon(delta)
-
+    """The noise multiplier whose steps, composed after ``prior``'s, spend the rest of ``target``."""
     if prior.epsilon(delta) >= target:
         raise SystemExit(f"the probe alone spends epsilon {prior.epsilon(delta):.3f} >= the target {target}")
-    low, high = 0.3, 64.0
-    if epsilon(high) > target:
-        raise SystemExit(f"epsilon {target} is unreachable after the probe")
-    while high / low > 1.001:
-        mid = math.sqrt(low * high)
-        low, high = (low, mid) if epsilon(mid) <= target else (mid, high)
-    return high
+    return calibrate_noise_multiplier(target, delta, rate, steps, prior.kind, prior=prior.ledger)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -86,18 +87,30 @@ def _check_delta(delta: float) -> None:
 
 
 def compute_epsilon(
-    noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: AccountantKind = "rdp"
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    accountant: AccountantKind = "rdp",
+    prior: Sequence[LedgerEntry] = (),
 ) -> float:
-    """Epsilon after ``steps`` Poisson-subsampled Gaussian steps (``inf`` for ``noise_multiplier == 0``)."""
+    """Epsilon after ``steps`` Poisson-subsampled Gaussian steps (``inf`` for ``noise_multiplier == 0``), composed
+    after the ``prior`` ledger entries (earlier DP training on the same data, e.g. a linear probe first)."""
     _check_kind(accountant)
     _check_event(noise_multiplier, sample_rate, steps)
     _check_delta(delta)
-    if steps == 0:
+    for entry in prior:
+        _check_event(entry.noise_multiplier, entry.sample_rate, entry.steps)
+    events = [(e.noise_multiplier, e.sample_rate, e.steps) for e in prior if e.steps]
+    if steps:
+        events.append((noise_multiplier, sample_rate, steps))
+    if not events:
         return 0.0
-    if noise_multiplier == 0:
+    if any(sigma == 0 for sigma, _, _ in events):
         return math.inf
     acc = make_accountant(accountant)
-    acc.compose(dp_sgd_event(noise_multiplier, sample_rate, steps))
+    for sigma, rate, count in events:
+        acc.compose(dp_sgd_event(sigma, rate, count))
     return float(acc.get_epsilon(delta))
 
 
@@ -108,8 +121,10 @@ def calibrate_noise_multiplier(
     steps: int,
     accountant: AccountantKind = "rdp",
     tolerance: float = 0.005,
+    prior: Sequence[LedgerEntry] = (),
 ) -> float:
-    """The noise multiplier whose epsilon after ``steps`` lies in ``[target * (1 - tolerance), target]``.
+    """The noise multiplier whose epsilon after ``steps`` lies in ``[target * (1 - tolerance), target]``; with
+    ``prior`` ledger entries, the epsilon of those composed with the ``steps`` (the rest of a budget).
 
     Every epsilon comes from dp-accounting; the search is a bracketed false-position search on ``log epsilon`` vs
     ``log sigma`` (epsilon falls monotonically as sigma grows). For PLD it starts from the RDP-calibrated sigma,
@@ -130,12 +145,12 @@ def calibrate_noise_multiplier(
         raise ValueError(f"Expected steps={steps} >= 1 to calibrate a noise multiplier (no step spends nothing).")
 
     def eps(sigma: float) -> float:
-        return compute_epsilon(sigma, sample_rate, steps, delta, accountant)
+        return compute_epsilon(sigma, sample_rate, steps, delta, accountant, prior)
 
     high = MAX_NOISE_MULTIPLIER
     if accountant == "pld":
         try:
-            high = calibrate_noise_multiplier(target_epsilon, delta, sample_rate, steps, "rdp", tolerance)
+            high = calibrate_noise_multiplier(target_epsilon, delta, sample_rate, steps, "rdp", tolerance, prior)
         except UnreachableEpsilonError:  # PLD is tighter: it may still reach what RDP cannot
             high = MAX_NOISE_MULTIPLIER
     eps_high = eps(high)

@@ -25,6 +25,7 @@ from dp_accounting.rdp import RdpAccountant
 from groupclip import accounting
 from groupclip.accounting import (
     MAX_NOISE_MULTIPLIER,
+    LedgerEntry,
     PrivacyAccountant,
     UnreachableEpsilonError,
     calibrate_noise_multiplier,
@@ -359,3 +360,17 @@ def test_bad_arguments_raise_value_error_naming_the_argument(case):
 def test_unknown_accountant_rejected_on_early_returns(call):
     with pytest.raises(ValueError, match="accountant"):
         call()
+
+
+def test_calibration_after_a_prior_ledger_spends_the_rest_of_the_budget() -> None:
+    """Earlier DP training on the same data (a probe first, say) is composed in: the new steps get more noise."""
+    prior = [LedgerEntry(noise_multiplier=4.0, sample_rate=0.1, steps=100)]
+    alone = calibrate_noise_multiplier(3.0, 1e-5, 0.1, 50)
+    after = calibrate_noise_multiplier(3.0, 1e-5, 0.1, 50, prior=prior)
+    assert after > alone
+    composed = PrivacyAccountant("rdp")
+    composed.step(4.0, 0.1, 100)
+    composed.step(after, 0.1, 50)
+    assert 3.0 * (1 - 0.005) <= composed.epsilon(1e-5) <= 3.0
+    assert compute_epsilon(after, 0.1, 50, 1e-5, prior=prior) == pytest.approx(composed.epsilon(1e-5))
+    assert compute_epsilon(after, 0.1, 0, 1e-5, prior=prior) > 0  # the prior alone still counts
