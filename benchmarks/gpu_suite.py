@@ -6,10 +6,14 @@
 Workloads (random init, next-token loss): GPT-2 small and medium at B 16 x T 512 and B 32 x T 256, fp32 and bf16
 autocast; a Llama-style ~1B model in bf16 (parameters and autocast) at B 8 x T 1024. Styles: non-private, then
 ``make_private`` (noise multiplier 1, the DP step as users run it) with all-layer, 4 groups, layer-wise and
-param-wise. Per workload one process (``--one``) runs every style in interleaved rounds, so the ratios to non-private
-come from the same process; peak memory is ``torch.cuda.max_memory_allocated`` per style. Then the largest batch
-(doubling, then bisection) of non-private and layer-wise on GPT-2 small at T 256. A deadline (``--budget-s``) stops
-starting new work; what did not run is listed as skipped, never left out silently.
+param-wise, and layer-wise with the transformer blocks' per-sample gradients instantiated (``norm_mode`` per module
+path): at T 512 the ghost norm's Grams cost GPT-2's block linears about as much as their weight gradients (``2 T^2
+(r + c)`` against ``2 T r c`` FLOPs), while instantiating replaces the weight-gradient product by a batched one and
+keeps one layer's ``B r c`` per-sample gradients until its group is clipped, right after. Per workload one process
+(``--one``) runs every style in interleaved rounds, so the ratios to non-private come from the same process; peak
+memory is ``torch.cuda.max_memory_allocated`` per style. Then the largest batch (doubling, then bisection) of
+non-private and layer-wise on GPT-2 small at T 256. A deadline (``--budget-s``) stops starting new work; what did
+not run is listed as skipped, never left out silently.
 """
 
 from __future__ import annotations
@@ -23,8 +27,12 @@ import sys
 import time
 from pathlib import Path
 
-STYLES = {"non-private": None, "all-layer": "all-layer", "4 groups": 4, "layer-wise": "layer-wise",
-          "param-wise": "param-wise"}  # fmt: skip
+# The transformer blocks of GPT-2 and of the Llama model (a pattern that matches nothing is inert).
+BLOCKS_INSTANTIATED = {"transformer.h.*": "instantiate", "model.layers.*": "instantiate"}
+# style -> (grouping, norm_mode); grouping None: non-private
+STYLES = {"non-private": (None, "auto"), "all-layer": ("all-layer", "auto"), "4 groups": (4, "auto"),
+          "layer-wise": ("layer-wise", "auto"), "param-wise": ("param-wise", "auto"),
+          "layer-wise, blocks instantiated": ("layer-wise", BLOCKS_INSTANTIATED)}  # fmt: skip
 WORKLOADS = [
     # name, architecture, batch, seq, precision
     ("gpt2-small B16xT512 fp32", "gpt2-small", 16, 512, "fp32"),
@@ -74,7 +82,7 @@ class Step:
         self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
         self.private = None
 
-    def attach(self, grouping) -> None:
+    def attach(self, grouping, norm_mode="auto") -> None:
         import warnings
 
         from groupclip import make_private
@@ -85,7 +93,7 @@ class Step:
                 warnings.simplefilter("ignore")
                 self.private = make_private(
                     self.model, self.optimizer, grouping=grouping, max_grad_norm=1.0, noise_multiplier=1.0,
-                    batch_size=len(self.ids), data_size=100 * len(self.ids),
+                    batch_size=len(self.ids), data_size=100 * len(self.ids), norm_mode=norm_mode,
                 )  # fmt: skip
 
     def detach(self) -> None:
@@ -131,11 +139,11 @@ def run_one(arch: str, batch: int, seq: int, precision: str, device: str, tiny: 
     step = Step(model, vocab, batch, seq, device, precision)
     out: dict = {name: {"ms": [], "peak_bytes": None, "error": None} for name in STYLES}
     for r in range(rounds):
-        for name, grouping in STYLES.items():
+        for name, (grouping, norm_mode) in STYLES.items():
             if out[name]["error"]:
                 continue
             try:
-                step.attach(grouping)
+                step.attach(grouping, norm_mode)
                 step()  # warm-up (and the plan)
                 _peak_reset(device)
                 _sync(device)
