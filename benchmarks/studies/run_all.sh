@@ -22,6 +22,7 @@ $G sweep benchmarks/studies/fashion_scatternet_search.toml --jobs 1
 $G sweep benchmarks/studies/fashion_scatternet_ema.toml --jobs 1
 $G sweep benchmarks/studies/fashion_scatternet_views.toml --jobs 1
 $G sweep benchmarks/studies/fashion_scatternet_schedule.toml --jobs 1
+$G sweep benchmarks/studies/fashion_scatternet_pld.toml --jobs 1
 $G sweep benchmarks/studies/fashion_scatternet.toml --jobs 1
 $G sweep benchmarks/studies/fashion_scatternet_b4096.toml --jobs 1
 for g in layer-wise 2 4 param-wise; do for s in 0 1 2; do
