@@ -7,9 +7,9 @@ Workloads (random init, next-token loss): GPT-2 small and medium at B 16 x T 512
 autocast; a Llama-style ~1B model in bf16 (parameters and autocast) at B 8 x T 1024. Styles: non-private, then
 ``make_private`` (noise multiplier 1, the DP step as users run it) with all-layer, 4 groups, layer-wise and
 param-wise, and layer-wise with the transformer blocks' per-sample gradients instantiated (``norm_mode`` per module
-path): at T 512 the ghost norm's Grams cost GPT-2's block linears about as much as their weight gradients (``2 T^2
-(r + c)`` against ``2 T r c`` FLOPs), while instantiating replaces the weight-gradient product by a batched one and
-keeps one layer's ``B r c`` per-sample gradients until its group is clipped, right after. Per workload one process
+path): at T 512 the ghost norm's Grams cost GPT-2's block linears 83-89% of their weight gradients (``2 T^2 (r +
+c)`` against ``2 T r c`` FLOPs), while instantiating replaces the weight-gradient product by a batched one and keeps
+one layer's ``B r c`` per-sample gradients until its group is clipped, right after. Per workload one process
 (``--one``) runs every style in interleaved rounds, so the ratios to non-private come from the same process; peak
 memory is ``torch.cuda.max_memory_allocated`` per style. Then the largest batch (doubling, then bisection) of
 non-private and layer-wise on GPT-2 small at T 256. A deadline (``--budget-s``) stops starting new work; what did
