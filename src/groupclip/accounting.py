@@ -101,16 +101,21 @@ def compute_epsilon(
     _check_delta(delta)
     for entry in prior:
         _check_event(entry.noise_multiplier, entry.sample_rate, entry.steps)
-    events = [(e.noise_multiplier, e.sample_rate, e.steps) for e in prior if e.steps]
-    if steps:
-        events.append((noise_multiplier, sample_rate, steps))
+    events = [(e.noise_multiplier, e.sample_rate, e.steps) for e in prior]
+    return _composed_epsilon([*events, (noise_multiplier, sample_rate, steps)], delta, accountant)
+
+
+def _composed_epsilon(events: Sequence[tuple[float, float, int]], delta: float, kind: AccountantKind) -> float:
+    """Epsilon of ``(noise_multiplier, sample_rate, steps)`` events composed in order (0 with no step, ``inf`` if
+    a step had no noise)."""
+    events = [e for e in events if e[2]]
     if not events:
         return 0.0
     if any(sigma == 0 for sigma, _, _ in events):
         return math.inf
-    acc = make_accountant(accountant)
-    for sigma, rate, count in events:
-        acc.compose(dp_sgd_event(sigma, rate, count))
+    acc = make_accountant(kind)
+    for sigma, rate, steps in events:
+        acc.compose(dp_sgd_event(sigma, rate, steps))
     return float(acc.get_epsilon(delta))
 
 
@@ -233,7 +238,7 @@ class PrivacyAccountant:
         _check_kind(kind)
         self.kind = kind
         self.ledger: list[LedgerEntry] = []
-        self._cached: tuple | None = None  # (ledger and delta, epsilon) of the last epsilon()
+        self._cached: tuple | None = None  # (ledger, delta and kind; epsilon) of the last epsilon()
 
     @property
     def steps(self) -> int:
@@ -258,16 +263,11 @@ class PrivacyAccountant:
     def epsilon(self, delta: float) -> float:
         """Epsilon spent so far at ``delta`` (0 before any step, ``inf`` if a step had no noise)."""
         _check_delta(delta)
-        if not self.ledger:
-            return 0.0
-        if any(e.noise_multiplier == 0 and e.steps > 0 for e in self.ledger):
-            return math.inf
-        key = (tuple((e.noise_multiplier, e.sample_rate, e.steps) for e in self.ledger), delta)
+        events = tuple((e.noise_multiplier, e.sample_rate, e.steps) for e in self.ledger)
+        key = (events, delta, self.kind)
         if self._cached is not None and self._cached[0] == key:  # logging asks every step; RDP takes ~0.3 s
             return self._cached[1]
-        acc = make_accountant(self.kind)
-        acc.compose(self.event())
-        value = float(acc.get_epsilon(delta))
+        value = _composed_epsilon(events, delta, self.kind)
         self._cached = (key, value)
         return value
 
