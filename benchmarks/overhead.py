@@ -7,9 +7,10 @@ sizes where every op is a kernel launch. Per style, in ONE process:
 * compute ops per step: aten ops seen by a ``TorchDispatchMode``, without views and allocations (``empty*``), with
   host synchronisations (``item``: ``_local_scalar_dense``) counted apart;
 * time per step (forward, backward, optimizer step, ``zero_grad``), medians over interleaved rounds: every round
-  times every style once, in a rotated order, so a slow period of the machine hits all styles alike;
+  times every style once, in a rotated order, so a slow period of the machine hits all styles alike; and the same
+  split into the forward pass, the backward pass and the optimizer, to show where a style's extra time goes;
 * the Python share of a step: wall time minus the self time of aten ops in a ``torch.profiler`` trace, over wall
-  time (profiled separately; the profiler's own overhead inflates both);
+  time (profiled separately, over ``min(5, steps)`` steps; the profiler's own overhead inflates both);
 * two variants: ``clip`` (the engine alone: clipped gradients) and ``dp`` (``make_private`` with noise multiplier 1:
   clipping, noise, accounting, as users train), each against the same non-private step.
 
@@ -104,10 +105,19 @@ class Runner:
             self.attached = None
 
     def step(self) -> None:
+        self.timed_step()
+
+    def timed_step(self) -> tuple[float, float, float]:
+        """One step; seconds spent in the forward pass, the backward pass, and the optimizer (step, zero_grad)."""
+        start = time.perf_counter()
         out = self.model(self.ids, labels=self.ids)
+        forward = time.perf_counter()
         out.loss.backward()
+        backward = time.perf_counter()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        end = time.perf_counter()
+        return forward - start, backward - forward, end - backward
 
 
 def count_ops(runner: Runner) -> OpCounter:
@@ -117,12 +127,18 @@ def count_ops(runner: Runner) -> OpCounter:
     return counter
 
 
-def time_steps(runner: Runner, steps: int) -> float:
+PHASES = ("forward", "backward", "optimizer")
+
+
+def time_steps(runner: Runner, steps: int) -> tuple[float, list[float]]:
+    """Mean seconds per step, and per phase (forward, backward, optimizer)."""
     runner.step()
     start = time.perf_counter()
+    phases = [0.0, 0.0, 0.0]
     for _ in range(steps):
-        runner.step()
-    return (time.perf_counter() - start) / steps
+        for i, seconds in enumerate(runner.timed_step()):
+            phases[i] += seconds
+    return (time.perf_counter() - start) / steps, [p / steps for p in phases]
 
 
 def python_share(runner: Runner, steps: int = 5) -> float:
@@ -141,21 +157,25 @@ def python_share(runner: Runner, steps: int = 5) -> float:
 
 def measure(variant: str, rounds: int, steps: int) -> dict:
     runner = Runner(variant)
-    results: dict[str, dict] = {s: {"times_ms": []} for s in STYLES}
+    results: dict[str, dict] = {s: {"times_ms": [], "phases_ms": {p: [] for p in PHASES}} for s in STYLES}
     for style in STYLES:
         runner.attach(style)
         counter = count_ops(runner)
         results[style].update(ops=counter.total, syncs=counter.syncs, op_names=dict(counter.ops.most_common()))
-        results[style]["python_share"] = python_share(runner)
+        results[style]["python_share"] = python_share(runner, min(5, steps))
     for r in range(rounds):
         order = STYLES[r % len(STYLES) :] + STYLES[: r % len(STYLES)]
         for style in order:
             runner.attach(style)
-            results[style]["times_ms"].append(1e3 * time_steps(runner, steps))
+            total, phases = time_steps(runner, steps)
+            results[style]["times_ms"].append(1e3 * total)
+            for phase, seconds in zip(PHASES, phases, strict=True):
+                results[style]["phases_ms"][phase].append(1e3 * seconds)
     runner.detach()
     base = results["non-private"]
     for row in results.values():
         row["median_ms"] = statistics.median(row["times_ms"])
+        row["phase_median_ms"] = {p: statistics.median(v) for p, v in row["phases_ms"].items()}
         row["time_ratio"] = row["median_ms"] / statistics.median(base["times_ms"])
         row["ops_ratio"] = row["ops"] / base["ops"]
     return results
@@ -179,12 +199,14 @@ def report(all_results: dict, args: argparse.Namespace) -> str:
         lines += [
             f"## `{variant}`: {what}",
             "",
-            "| style | ms / step | time x | compute ops | ops x | host syncs | Python share |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| style | ms / step | time x | forward / backward / optimizer ms | compute ops | ops x | host syncs | "
+            "Python share |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for style, row in results.items():
+            phases = " / ".join(f"{row['phase_median_ms'][p]:.1f}" for p in PHASES)
             lines.append(
-                f"| {style} | {row['median_ms']:.1f} | {row['time_ratio']:.2f} | {row['ops']} | "
+                f"| {style} | {row['median_ms']:.1f} | {row['time_ratio']:.2f} | {phases} | {row['ops']} | "
                 f"{row['ops_ratio']:.2f} | {row['syncs']} | {100 * row['python_share']:.0f}% |"
             )
         lines.append("")

@@ -39,7 +39,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def configure(bench: argparse.ArgumentParser) -> None:
     """The arguments of ``groupclip bench``."""
-    bench.add_argument("--suite", choices=("cpu", "gpu"), help=f"model list: cpu={CPU_SUITE}, gpu={GPU_SUITE}")
+    bench.add_argument(
+        "--suite",
+        choices=("cpu", "gpu", "overhead"),
+        help=f"model list: cpu={CPU_SUITE}, gpu={GPU_SUITE}; overhead: compute ops and time per step of every style "
+        "on an overhead-bound GPT-2-shaped model, one thread (benchmarks/overhead.py; takes --rounds, --steps, "
+        "--out-dir, --name)",
+    )
     bench.add_argument("--models", type=_csv, help=f"comma-separated presets ({', '.join(PRESETS)}) or module:fn")
     bench.add_argument("--styles", type=_csv, default=DEFAULT_STYLES, help="comma-separated (default: %(default)s)")
     bench.add_argument("--no-norm-modes", action="store_true", help="skip the ghost/instantiate variants")
@@ -59,8 +65,12 @@ def configure(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--batch-size", type=int, help="batch size (default: each preset's)")
     bench.add_argument("--seq-len", type=int, help="sequence length (default: each preset's)")
     bench.add_argument("--warmup", type=int, default=1, help="untimed steps per process (default: %(default)s)")
-    bench.add_argument("--steps", type=int, default=3, help="timed steps per process (median)")
-    bench.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every configuration")
+    bench.add_argument(
+        "--steps", type=int, help="timed steps per process, median (default: 3; --suite overhead: 10 per round)"
+    )
+    bench.add_argument(
+        "--rounds", type=int, help="interleaved repetitions of every configuration (default: 2; --suite overhead: 7)"
+    )
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda for --suite gpu, else cpu)")
     bench.add_argument("--threads", type=int, help="torch threads per worker")
     bench.add_argument("--memory-cap", help="memory cap for the largest batch, e.g. 16GiB (default: all memory)")
@@ -89,6 +99,10 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> int:
 
     if args.resummarise:
         return _resummarise(args.resummarise)
+    if args.suite == "overhead":
+        return _overhead(args)
+    args.steps = 3 if args.steps is None else args.steps
+    args.rounds = 2 if args.rounds is None else args.rounds
 
     if args.smoke:
         models = args.models or SMOKE_MODELS
@@ -163,6 +177,15 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> int:
     print(paths["markdown"].read_text())
     print("written: " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
     return 0
+
+
+def _overhead(args: argparse.Namespace) -> int:
+    """``--suite overhead``: the overhead benchmark (:mod:`benchmarks.overhead`), written to OUT_DIR/NAME.{json,md}."""
+    from ..overhead import main as overhead_main
+
+    out = args.out_dir / (args.name or "cpu_overhead")
+    argv = ["--rounds", str(args.rounds or 7), "--steps", str(args.steps or 10), "--out", str(out)]
+    return overhead_main(argv)
 
 
 def _resummarise(path: Path) -> int:

@@ -59,6 +59,24 @@ def test_smoke_benchmark_writes_json_markdown_and_plots(tmp_path: Path) -> None:
     assert "[  1/" in proc.stderr  # the progress display
 
 
+def test_overhead_suite_counts_ops_and_splits_time_by_phase(tmp_path: Path) -> None:
+    proc = _groupclip("bench", "--suite", "overhead", "--rounds", "1", "--steps", "1", "--out-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads((tmp_path / "cpu_overhead.json").read_text())
+    assert set(result) == {"clip", "dp"}
+    for variant in result.values():
+        assert set(variant) == {"non-private", "all-layer", "4 groups", "layer-wise", "param-wise"}
+        base = variant["non-private"]
+        assert base["ops_ratio"] == 1.0 and base["syncs"] == 0
+        for style, row in variant.items():
+            # the engine adds per-sample work to every style: more ops than the plain step, never fewer
+            assert style == "non-private" or row["ops"] > base["ops"]
+            assert set(row["phase_median_ms"]) == {"forward", "backward", "optimizer"}
+            assert 0 < sum(row["phase_median_ms"].values()) <= row["median_ms"] * 1.01
+    markdown = (tmp_path / "cpu_overhead.md").read_text()
+    assert "forward / backward / optimizer ms" in markdown and "| param-wise |" in markdown
+
+
 def test_bench_refuses_an_unknown_model(tmp_path: Path) -> None:
     proc = _groupclip("bench", "--models", "gpt5", "--out-dir", str(tmp_path))
     assert proc.returncode == 2
