@@ -179,13 +179,34 @@ def run_bench(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+# Options of the model suites that the overhead benchmark (a fixed model, styles and thread count) does not take,
+# with their defaults.
+_NOT_OVERHEAD = {
+    "models": None, "styles": DEFAULT_STYLES, "smoke": False, "noise": False, "device": None, "threads": None,
+    "batch_size": None, "seq_len": None, "grouping_file": None, "memory_cap": None, "warmup": 1,
+    "no_norm_modes": False, "no_opacus": False, "opacus_explicit_positions": False, "no_max_batch": False,
+}  # fmt: skip
+
+
 def _overhead(args: argparse.Namespace) -> int:
     """``--suite overhead``: the overhead benchmark (:mod:`benchmarks.overhead`), written to OUT_DIR/NAME.{json,md}."""
     from ..overhead import main as overhead_main
 
+    given = ["--" + name.replace("_", "-") for name, default in _NOT_OVERHEAD.items() if getattr(args, name) != default]
+    if given:
+        print(
+            f"groupclip bench: error: --suite overhead runs a fixed model, styles and thread count; drop "
+            f"{', '.join(given)} (it takes --rounds, --steps, --out-dir and --name)",
+            file=sys.stderr,
+        )
+        return 2
     out = args.out_dir / (args.name or "cpu_overhead")
-    argv = ["--rounds", str(args.rounds or 7), "--steps", str(args.steps or 10), "--out", str(out)]
-    return overhead_main(argv)
+    rounds = 7 if args.rounds is None else args.rounds
+    steps = 10 if args.steps is None else args.steps
+    if rounds < 1 or steps < 1:
+        print("groupclip bench: error: --rounds and --steps must be at least 1", file=sys.stderr)
+        return 2
+    return overhead_main(["--rounds", str(rounds), "--steps", str(steps), "--out", str(out)])
 
 
 def _resummarise(path: Path) -> int:

@@ -77,6 +77,15 @@ def test_overhead_suite_counts_ops_and_splits_time_by_phase(tmp_path: Path) -> N
     assert "forward / backward / optimizer ms" in markdown and "| param-wise |" in markdown
 
 
+def test_overhead_suite_refuses_options_it_does_not_take(tmp_path: Path) -> None:
+    proc = _groupclip("bench", "--suite", "overhead", "--models", "gpt2-small", "--out-dir", str(tmp_path))
+    assert proc.returncode == 2
+    assert "--models" in proc.stderr and "--rounds" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    proc = _groupclip("bench", "--suite", "overhead", "--rounds", "0", "--out-dir", str(tmp_path))
+    assert proc.returncode == 2 and "--rounds" in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
 def test_bench_refuses_an_unknown_model(tmp_path: Path) -> None:
     proc = _groupclip("bench", "--models", "gpt5", "--out-dir", str(tmp_path))
     assert proc.returncode == 2
