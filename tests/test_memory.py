@@ -123,3 +123,53 @@ def test_pass_state_is_freed_after_backward(grouping):
         model(ids[:2]).sum().backward()
         gc.collect()
         assert ref() is None, "an abandoned forward pass was never freed"
+
+
+def _vector_model() -> nn.Module:
+    """Blocks with biases and norm layers: in param-wise (and, for the norms, layer-wise) groups of vectors only."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(6):
+        layers += [nn.Linear(WIDTH, WIDTH), nn.LayerNorm(WIDTH), nn.Tanh()]
+    return nn.Sequential(*layers)
+
+
+def test_vector_groups_wait_within_a_share_of_the_last_peak():
+    """Groups of per-sample vectors only wait for the end of the pass in the first pass; from the second on they are
+    clipped early once their vectors pass PILE_SHARE of the previous pass' peak of everything else held."""
+    from groupclip.engine.backward import PILE_SHARE
+
+    model = _vector_model()
+    x = torch.randn(BATCH, STEPS, WIDTH, generator=torch.Generator().manual_seed(3))
+    with ClippingEngine(model, grouping="param-wise", max_grad_norm=1.0) as engine:
+        peaks = []
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            loss_fn(model, (x,)).mean().backward()
+            peaks.append(engine.last_report.peak_held_bytes)
+        others = engine.plan.others_peak_per_sample * BATCH
+    vectors = BATCH * 6 * 3 * WIDTH * 4  # every bias, LayerNorm weight and bias: [B, 64] float32 each
+    assert peaks[0] >= others + vectors  # the first pass holds them all to the end
+    assert peaks[1] == peaks[2] < peaks[0]
+    # at most the share, plus what one use adds before the next event looks
+    assert peaks[1] <= others * (1 + PILE_SHARE) + 3 * BATCH * WIDTH * 4, (peaks, others)
+
+
+@pytest.mark.parametrize("grouping", ["param-wise", "layer-wise"])
+def test_vector_groups_clipped_early_are_exact(grouping):
+    """Passes after the first clip vector-only groups early; their clipped sums are still the definition's, also at
+    another batch size (the limit scales with it)."""
+    model = _vector_model().double()
+    batches = [
+        torch.randn(size, 4, WIDTH, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        for size, seed in ((6, 4), (6, 5), (3, 6), (9, 7))
+    ]
+    references = [per_sample_gradients(model, loss_fn, (x,)) for x in batches]
+    with ClippingEngine(model, grouping=grouping, max_grad_norm=0.05) as engine:
+        for x, per_sample in zip(batches, references, strict=True):
+            size = x.shape[0]
+            model.zero_grad(set_to_none=True)
+            loss_fn(model, (x,)).mean().backward()
+            want, _ = reference_clip(per_sample, engine.grouping, engine.thresholds, engine.clip_fn)
+            for n, p in model.named_parameters():
+                assert torch.allclose(p.grad, want[n], rtol=1e-9, atol=1e-12), (grouping, size, n)

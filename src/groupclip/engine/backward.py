@@ -10,7 +10,9 @@ the uses whose taps will run. As taps fire:
 * a group whose last parameter is complete is *ready*; the groups a use makes ready are clipped together in one
   *event* -- one finiteness check and one clip-factor computation for all of them -- and their clipped sums are
   written straight into gradient buffers. Groups of per-sample vectors only (biases, norm scales) wait for the
-  end of the pass, where all of them are clipped together (:mod:`groupclip.engine.vectors`);
+  end of the pass, where all of them are clipped together (:mod:`groupclip.engine.vectors`) -- unless their
+  per-sample vectors grow past 1/16 of the previous pass' peak of everything else held: then the complete ones are
+  clipped with the next event, so that waiting raises the peak of held bytes by at most about that share;
 * at the end of the backward pass the rest is clipped and the buffers become the parameters' ``.grad``
   (:mod:`groupclip.engine.gradient_write`).
 
@@ -20,6 +22,7 @@ are kept); with ``nonfinite="raise"`` the pass then writes nothing and raises in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -34,6 +37,10 @@ from .memory import MemoryLedger
 from .plan import is_finite_sum, spans
 from .trace import Trace, Use
 from .vectors import VECTOR_ELEMENTS, PassVectors
+
+# Vector-only rows clipped early once their vectors exceed this share of the previous pass' peak of other holdings:
+# a few ops per early event against at most this much more memory held.
+PILE_SHARE = 1 / 16
 
 if TYPE_CHECKING:
     from .core import ClippingEngine
@@ -81,6 +88,12 @@ class BackwardState:
         self.uses_of: dict[int, list] = {}
         self.kept: dict[int, list] = {}
         self.ready: list[int] = []
+        self.vectors_ready: list[int] = []  # complete vector-only rows, not yet clipped
+        self.others_peak = 0  # the most bytes held so far beyond the vectors of vector-only rows
+        # Vector-only rows wait for the end of the pass while their vectors stay under a share of the last pass'
+        # peak of the rest (per sample, times this batch); unknown in the first pass: they wait for the end.
+        per_sample = plan.others_peak_per_sample
+        self.pile_limit = math.inf if per_sample is None else per_sample * self.batch * PILE_SHARE
         self.buffers: dict[int, Tensor] = {}  # parameter key -> its clipped sum (compute dtype)
         self.dropped: dict[int, Tensor] = {}
         self.grams: dict[tuple, Tensor] = {}
@@ -205,8 +218,8 @@ class BackwardState:
                     self.ledger.hold(c)
             self.kept[key] = kept
         self.group_left[row] -= 1
-        if self.group_left[row] == 0 and not self.plan.vectors[row]:  # vector-only rows wait for the end
-            self.ready.append(row)
+        if self.group_left[row] == 0:
+            (self.vectors_ready if self.plan.vectors[row] else self.ready).append(row)
 
     def _is_vector(self, c, key: int) -> bool:
         """Per-sample gradients small enough to gather: their norms and clipped sums are one op per group."""
@@ -225,8 +238,16 @@ class BackwardState:
     def _maybe_clip(self) -> None:
         """Clip the ready groups now -- except groups of per-sample vectors only (biases, norm scales): they wait
         for the end of the pass, where all of them are clipped together (a few ops for all of them, not a few
-        each; their per-sample gradients are small)."""
-        if not self.ready or self.engine.defer_clipping:
+        each; their per-sample gradients are small) -- unless they have grown past ``pile_limit``: then the ready
+        ones are clipped with this event."""
+        if self.engine.defer_clipping:
+            return
+        held = self.ledger.held_bytes
+        self.others_peak = max(self.others_peak, held - self.vectors.pile.held_bytes)
+        if self.vectors_ready and self.vectors.pile.held_bytes > self.pile_limit:
+            self.ready += self.vectors_ready
+            self.vectors_ready = []
+        if not self.ready:
             return
         rows, self.ready = self.ready, []
         self.clip(rows)
@@ -307,6 +328,8 @@ class BackwardState:
             trace.deferred.clear()
         # every norm complete before a deferred pass reports its norms
         self.vectors.gather(sorted(self.vectors.waiting), self.sq, self.scales)
+        if self.batch > 0:
+            self.plan.others_peak_per_sample = self.others_peak / self.batch
         engine = self.engine
         if engine.defer_clipping:
             engine.deferred.append(self)

@@ -39,6 +39,8 @@ class Plan:
         # Rows whose parameters are all vectors: their per-sample gradients are small enough to wait for the end of
         # the pass, where they are clipped together rather than a few ops each.
         self.vectors = [all(self.params[k].dim() <= 1 for k in members) for members in self.members]
+        # The most bytes per sample the last pass held beyond those rows' vectors (None before the first pass).
+        self.others_peak_per_sample: float | None = None
         dtypes = {compute_dtype(p.dtype) for p in self.params.values()}
         self.norm_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
         first = next(iter(self.params.values()))

@@ -53,19 +53,27 @@ class GatheredVectors:
     sizes: list[int]
     flat: Tensor
     layout: VectorLayout | None  # None: one row
+    piled: bool  # held in the pile (every row vector-only)
 
 
 class PassVectors:
-    """The per-sample vectors of one backward pass, from their parameter's completion until clipped."""
+    """The per-sample vectors of one backward pass, from their parameter's completion until clipped.
+
+    ``pile`` counts the bytes of the vectors of vector-only rows (also counted in ``ledger``): what waiting for the
+    end of the pass holds beyond clipping each group when it completes.
+    """
 
     def __init__(self, plan: Plan, ledger: MemoryLedger) -> None:
         self.plan, self.ledger = plan, ledger
+        self.pile = MemoryLedger()
         self.waiting: dict[int, list] = {}  # row -> [(parameter key, small Instantiated or FactorSum)]
         self.gathered: list[GatheredVectors] = []  # norms added, not yet clipped
         self._scales: Tensor | None = None
 
     def add(self, row: int, key: int, contribution) -> None:
         self.waiting.setdefault(row, []).append((key, contribution))
+        if self.plan.vectors[row]:
+            self.pile.hold(contribution)
 
     def gather(self, rows: list[int], sq: Tensor, scales: list[float]) -> None:
         """Gather the waiting vectors of ``rows`` into one ``[B, total]`` tensor, kept to clip, and add their squared
@@ -97,10 +105,15 @@ class PassVectors:
                 sq.index_add_(0, layout.rows, parts, alpha=distinct.pop())
             else:
                 sq.index_add_(0, layout.rows, parts.mul_(self._scale_column(scales, sq).index_select(0, layout.rows)))
-        self.gathered.append(GatheredVectors(rows, [key for _, key, _ in items], sizes, flat, layout))
-        for _, _, c in items:
+        piled = all(self.plan.vectors[row] for row in rows)
+        self.gathered.append(GatheredVectors(rows, [key for _, key, _ in items], sizes, flat, layout, piled))
+        for row, _, c in items:
             self.ledger.release(c)
+            if self.plan.vectors[row]:
+                self.pile.release(c)
         self.ledger.hold(Instantiated(flat))
+        if piled:
+            self.pile.hold(Instantiated(flat))
 
     def _scale_column(self, scales: list[float], sq: Tensor) -> Tensor:
         """``[groups, 1]`` norm scales (unequal thresholds), made at most once per pass."""
@@ -117,6 +130,8 @@ class PassVectors:
         for gathered in [g for g in self.gathered if g.rows[0] in rows]:
             self.gathered.remove(gathered)
             self.ledger.release(Instantiated(gathered.flat))
+            if gathered.piled:
+                self.pile.release(Instantiated(gathered.flat))
             sums = self._clipped_sums(gathered, factors, coefs, dropped, scale)
             for key, part in zip(gathered.keys, sums.split(gathered.sizes), strict=True):
                 out[key] = part.view(self.plan.params[key].shape)

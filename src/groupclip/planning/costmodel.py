@@ -231,7 +231,8 @@ class ModelCost:
                 if pending_param[name] == 0:
                     group = group_of[name]
                     pending_group[group] -= 1
-                    # as the engine: groups of vectors only (biases, norm scales) wait for the end of the pass
+                    # as the engine's first pass: groups of vectors only (biases, norm scales) wait for the end of
+                    # the pass (later passes clip them early past a share of the peak: an upper bound for those)
                     if pending_group[group] == 0 and not vector_group[group]:
                         held -= release(group)
         return peak
