@@ -53,7 +53,6 @@ class GatheredVectors:
     sizes: list[int]
     flat: Tensor
     layout: VectorLayout | None  # None: one row
-    piled: bool  # held in the pile (every row vector-only)
 
 
 class PassVectors:
@@ -105,15 +104,18 @@ class PassVectors:
                 sq.index_add_(0, layout.rows, parts, alpha=distinct.pop())
             else:
                 sq.index_add_(0, layout.rows, parts.mul_(self._scale_column(scales, sq).index_select(0, layout.rows)))
-        piled = all(self.plan.vectors[row] for row in rows)
-        self.gathered.append(GatheredVectors(rows, [key for _, key, _ in items], sizes, flat, layout, piled))
+        self.gathered.append(GatheredVectors(rows, [key for _, key, _ in items], sizes, flat, layout))
         for row, _, c in items:
             self.ledger.release(c)
             if self.plan.vectors[row]:
                 self.pile.release(c)
         self.ledger.hold(Instantiated(flat))
-        if piled:
+        if self._piled(rows):
             self.pile.hold(Instantiated(flat))
+
+    def _piled(self, rows: list[int]) -> bool:
+        """Gathered vectors counted in the pile: those of vector-only rows only."""
+        return all(self.plan.vectors[row] for row in rows)
 
     def _scale_column(self, scales: list[float], sq: Tensor) -> Tensor:
         """``[groups, 1]`` norm scales (unequal thresholds), made at most once per pass."""
@@ -130,7 +132,7 @@ class PassVectors:
         for gathered in [g for g in self.gathered if g.rows[0] in rows]:
             self.gathered.remove(gathered)
             self.ledger.release(Instantiated(gathered.flat))
-            if gathered.piled:
+            if self._piled(gathered.rows):
                 self.pile.release(Instantiated(gathered.flat))
             sums = self._clipped_sums(gathered, factors, coefs, dropped, scale)
             for key, part in zip(gathered.keys, sums.split(gathered.sizes), strict=True):

@@ -125,12 +125,15 @@ def train(
     launch = join_launch(device, recipe.run.collective_timeout)
     checkpointing = run_dir is not None and recipe.run.checkpoint_every >= 0  # known to every rank
     resume_dir = run_dir
-    completed = False
     try:
         if launch.rank != 0:  # rank 0 alone reports and writes
             run_dir, progress, log = None, False, lambda _text: None
         result = _train_on(recipe, device, launch, run_dir, progress, log, start, checkpoint, checkpointing, resume_dir)
-        completed = True
+        if launch.owns_group and launch.distributed:
+            # Leave together: a rank that tears its gloo group down while rank 0 still writes its results was seen
+            # to abort ("terminate called without an active exception"), and torchrun then killed rank 0 before
+            # final.json. Only after a successful run, so that a failed peer cannot hang it here.
+            dist.barrier()
         return result
     except Exception as err:
         failure = dp.peer_failure(err, launch.rank, launch.timeout) if launch.distributed else None
@@ -139,11 +142,6 @@ def train(
         raise
     finally:
         if launch.owns_group:
-            if completed and launch.distributed:
-                # Leave together: a rank that tears its gloo group down while rank 0 still writes its results
-                # was seen to abort ("terminate called without an active exception"), and torchrun then kills
-                # rank 0 before final.json.
-                dist.barrier()
             dist.destroy_process_group()
 
 
