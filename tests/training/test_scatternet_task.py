@@ -1,4 +1,5 @@
-"""ScatterNet features and the scatter-linear model (the fashion-mnist-scatternet recipe), on a slice of the data."""
+"""ScatterNet features and the scatter-linear / scatter-cnn models (the fashion-mnist-scatternet recipe), on a slice of
+the data."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from groupclip.training.datasets import DatasetMissingError, load_fashion_mnist
 from groupclip.training.recipe import RecipeError, load_recipe
 from groupclip.training.tasks import build_task
-from groupclip.training.tasks.image import scatter_linear
+from groupclip.training.tasks.image import scatter_cnn, scatter_linear
 from groupclip.training.tasks.scattering import cached_scatter, scatter, scattering_channels
 from tests.reference import check_engine, max_relative_error
 
@@ -75,8 +76,10 @@ def test_task_with_holdout_scores_on_training_images(tmp_path, monkeypatch) -> N
         ({"holdout": 40}, {}, "holdout"),
         ({"features": "pixels"}, {}, "set both together"),
         ({}, {"name": "tanh-cnn"}, "set both together"),
-        ({"features": "wavelets"}, {"name": "tanh-cnn"}, "'pixels' or 'scattering'"),
+        ({"features": "wavelets"}, {"name": "tanh-cnn"}, "features = 'wavelets': one of 'pixels'"),
         ({}, {"groups": 4}, "must divide the 81"),
+        ({}, {"name": "scatter-cnn", "groups": 4}, "must divide the 81"),
+        ({"features": "pixels"}, {"name": "scatter-cnn"}, "set both together"),
     ],
 )
 def test_bad_options_name_the_field(data, model, match, tmp_path, monkeypatch) -> None:
@@ -107,6 +110,39 @@ def test_scatter_linear_clipping_is_exact(images: torch.Tensor, grouping: str) -
     assert max_relative_error(got, want) < 1e-5
     for group, norm in want_norms.items():
         torch.testing.assert_close(norms[group].double(), norm, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("grouping", ["all-layer", "layer-wise", "param-wise"])
+def test_scatter_cnn_clipping_is_exact(images: torch.Tensor, grouping: str) -> None:
+    torch.manual_seed(0)
+    model = scatter_cnn(width=0.25)  # 8 channels: the shapes of the recipe's model, smaller
+    features = scatter(images[:5])
+    labels = torch.tensor([0, 3, 9, 3, 1])
+    assert model(features).shape == (5, 10)
+
+    def loss(net, batch):
+        x, y = batch
+        return F.cross_entropy(net(x), y, reduction="none")
+
+    batch = (features, labels)
+    _, got, want, norms, want_norms = check_engine(model, loss, batch, grouping=grouping, max_grad_norm=0.5)
+    assert set(want) == {"1.weight", "1.bias", "4.weight", "4.bias", "7.weight", "7.bias"}
+    assert max_relative_error(got, want) < 1e-5
+    for group, norm in want_norms.items():
+        torch.testing.assert_close(norms[group].double(), norm, rtol=1e-5, atol=1e-7)
+
+
+def test_scatter_cnn_task_builds_on_scattering_features(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("GROUPCLIP_CACHE_DIR", str(tmp_path))
+    recipe = load_recipe("fashion-mnist-scatternet")
+    model = {**recipe.model, "name": "scatter-cnn", "width": 0.5}
+    try:
+        setup = build_task(recipe.task, {**recipe.data, "limit": 24}, model, seed=0)
+    except DatasetMissingError as error:
+        pytest.skip(str(error))
+    assert setup.info["model"] == "scatter-cnn"
+    assert setup.info["parameters"] == (81 * 9 + 1) * 16 + (16 * 9 + 1) * 16 + (16 * 9 + 1) * 10
+    assert float(setup.loss(setup.model, setup.example_batch).detach()) > 0
 
 
 @pytest.mark.parametrize("grouping", ["all-layer", "param-wise"])
@@ -149,6 +185,6 @@ def test_flip_views_task_shapes(tmp_path, monkeypatch) -> None:
         pytest.skip(str(error))
     x, _ = setup.train[0]
     assert x.shape == (2, 81, 7, 7)
-    assert float(setup.loss(setup.model, setup.example_batch)) > 0
+    assert float(setup.loss(setup.model, setup.example_batch).detach()) > 0
     with pytest.raises(RecipeError, match="flip_views"):
         build_task(recipe.task, {**recipe.data, "limit": 24, "flip_views": "yes"}, recipe.model, seed=0)
