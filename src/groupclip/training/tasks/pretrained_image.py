@@ -60,6 +60,7 @@ def efficientnet_features(pixels: Tensor, mean: float, std: float, pool: int = 2
     for start in range(0, len(pixels), chunk):
         images = pixels[start : start + chunk].float() * std + mean
         images = F.interpolate(images, size=(RESOLUTION, RESOLUTION), mode="bilinear", align_corners=False)
+        # the package has no forward that stops at a block: run its stem and first blocks as its forward does
         hidden = net._swish(net._bn0(net._conv_stem(images.expand(-1, 3, -1, -1) * 2 - 1)))
         for block in net._blocks[: LAST_BLOCK + 1]:
             hidden = block(hidden)
