@@ -114,7 +114,7 @@ class BatchTracker(TorchFunctionMode):
         try:
             if not raw and len(found) == 1 and found[0][1].kind == Kind.BATCHED:
                 return self._one_batched(func, args, kwargs, found[0], trace)
-            return self._tracked(func, args, kwargs, trace)
+            return self._tracked(func, args, kwargs, trace, raw)
         finally:
             self.paused -= 1
 
@@ -144,9 +144,10 @@ class BatchTracker(TorchFunctionMode):
         return out
 
     # ------------------------------------------------------------------ tagged ops
-    def _tracked(self, func, args: tuple, kwargs: dict, trace: TraceHost):
+    def _tracked(self, func, args: tuple, kwargs: dict, trace: TraceHost, raw: bool):
         number = trace.number
-        args, kwargs = _replace_raw(args, kwargs, trace)
+        if raw:
+            args, kwargs = _replace_raw(args, kwargs, trace)
         tags: dict[int, Tag] = {}
         sources: set[int] = set()
         free_operands: list[tuple[Tensor, Tag]] = []
@@ -333,8 +334,6 @@ def _replace_raw(args: tuple, kwargs: dict, trace: TraceHost):
             return trace.raw_alias(t)
         return t
 
-    if not any(isinstance(t, nn.Parameter) for t in _all_tensors(args, kwargs)):
-        return args, kwargs
     return tuple(_map_tensors(a, swap) for a in args), {k: _map_tensors(v, swap) for k, v in kwargs.items()}
 
 

@@ -286,16 +286,15 @@ class ClippingEngine(Lifecycle, MeetingMixin):
     def mode_for(self, path: str) -> NormMode:
         return self.settings.mode_for(path)
 
-    @contextlib.contextmanager
-    def computing(self) -> Iterator[None]:
-        """Module hooks and the tracker are inert while the engine computes (the generic fallback re-runs modules)."""
+    def suspend(self) -> None:
+        """Module hooks and the tracker are inert while the engine computes (the generic fallback re-runs modules),
+        until the matching :meth:`resume` (call it in a ``finally``)."""
         self.suspended_count += 1
         self.tracker.paused += 1
-        try:
-            yield
-        finally:
-            self.suspended_count -= 1
-            self.tracker.paused -= 1
+
+    def resume(self) -> None:
+        self.suspended_count -= 1
+        self.tracker.paused -= 1
 
     def tracker_paused(self):
         """The engine's own tensor work in hooks and taps bypasses the tracker (no torch-function dispatch)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..norms.contributions import Contribution, contribution_bytes
+from ..norms.contributions import Contribution
 
 
 @dataclass
@@ -21,15 +21,23 @@ class MemoryLedger:
     parent: MemoryLedger | None = field(default=None, repr=False)
     _refs: dict[int, list[int]] = field(default_factory=dict)  # storage ptr -> [refcount, nbytes]
 
+    # hold and release run a few times per use: they read storages directly, once per tensor (a storage shared by
+    # two tensors of one contribution is counted twice by both, so the counts stay balanced).
     def hold(self, contribution: Contribution) -> None:
-        for ptr, nbytes in contribution_bytes(contribution).items():
-            ref = self._refs.setdefault(ptr, [0, nbytes])
-            if ref[0] == 0:
+        for t in contribution.tensors():
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            ref = self._refs.get(ptr)
+            if ref is None:
+                nbytes = storage.nbytes()
+                self._refs[ptr] = [1, nbytes]
                 self._change(nbytes)
-            ref[0] += 1
+            else:
+                ref[0] += 1
 
     def release(self, contribution: Contribution) -> None:
-        for ptr in contribution_bytes(contribution):
+        for t in contribution.tensors():
+            ptr = t.untyped_storage().data_ptr()
             ref = self._refs[ptr]
             ref[0] -= 1
             if ref[0] == 0:

@@ -418,12 +418,3 @@ def combine_uses(uses: list[Contribution]) -> tuple[Tensor, list[Contribution]]:
         for v in uses[i + 1 :]:
             sq = sq + 2 * (u.cross(v) if _can_cross_ghost(u, v) else v.cross(u))
     return sq, uses
-
-
-def contribution_bytes(contribution: Contribution) -> dict[int, int]:
-    """Bytes of the distinct storages a contribution keeps alive, keyed by storage pointer."""
-    out: dict[int, int] = {}
-    for t in contribution.tensors():
-        storage = t.untyped_storage()
-        out[storage.data_ptr()] = storage.nbytes()
-    return out
