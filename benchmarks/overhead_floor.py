@@ -87,13 +87,15 @@ class Scaffolding:
         for _ in range(2):
             self.step()
 
+    def loss(self) -> torch.Tensor:
+        """The forward pass (under the mode when configured) and its loss."""
+        if self.mode is None:
+            return self.model(self.ids, labels=self.ids).loss
+        with self.mode:
+            return self.model(self.ids, labels=self.ids).loss
+
     def step(self) -> None:
-        if self.mode is not None:
-            with self.mode:
-                out = self.model(self.ids, labels=self.ids)
-        else:
-            out = self.model(self.ids, labels=self.ids)
-        out.loss.backward()
+        self.loss().backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 

@@ -31,12 +31,7 @@ def floor():
 
 
 def _gradients(bench) -> dict[str, torch.Tensor]:
-    if bench.mode is not None:
-        with bench.mode:
-            out = bench.model(bench.ids, labels=bench.ids)
-    else:
-        out = bench.model(bench.ids, labels=bench.ids)
-    out.loss.backward()
+    bench.loss().backward()
     grads = {name: p.grad.clone() for name, p in bench.model.named_parameters()}
     bench.model.zero_grad(set_to_none=True)
     return grads
@@ -55,8 +50,8 @@ def test_the_scaffolding_is_an_identity_on_training(floor) -> None:
     assert plain.keys() == scaffolded.keys()
     for name, grad in plain.items():
         assert torch.equal(grad, scaffolded[name]), name
-    out = bench.model(bench.ids, labels=bench.ids)  # the taps are in the graph: one node per module use
-    nodes, stack, seen = 0, [out.loss.grad_fn], set()
+    loss = bench.loss()  # the taps are in the graph: one node per module use
+    nodes, stack, seen = 0, [loss.grad_fn], set()
     while stack:
         node = stack.pop()
         if node is None or node in seen:
