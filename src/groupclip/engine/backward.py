@@ -110,11 +110,11 @@ class BackwardState:
             )
         use.done = True
         engine = self.engine
-        engine.suspend()  # not a context manager: this runs once per use, and a generator costs microseconds
+        engine.begin_compute()  # not a context manager: this runs once per use, and a generator costs microseconds
         try:
             found = use_contributions(use, grads, saved, self.batch)
         finally:
-            engine.resume()
+            engine.end_compute()
         found = self._shaped(use, found, engine.mode_for(use.path))
         if use.gram_key is not None:
             self._share_gram(use.gram_key, found)

@@ -286,13 +286,13 @@ class ClippingEngine(Lifecycle, MeetingMixin):
     def mode_for(self, path: str) -> NormMode:
         return self.settings.mode_for(path)
 
-    def suspend(self) -> None:
+    def begin_compute(self) -> None:
         """Module hooks and the tracker are inert while the engine computes (the generic fallback re-runs modules),
-        until the matching :meth:`resume` (call it in a ``finally``)."""
+        until the matching :meth:`end_compute` (call it in a ``finally``)."""
         self.suspended_count += 1
         self.tracker.paused += 1
 
-    def resume(self) -> None:
+    def end_compute(self) -> None:
         self.suspended_count -= 1
         self.tracker.paused -= 1
 
