@@ -22,7 +22,7 @@ class MemoryLedger:
     _refs: dict[int, list[int]] = field(default_factory=dict)  # storage ptr -> [refcount, nbytes]
 
     # hold and release run a few times per use: they read storages directly, once per tensor (a storage shared by
-    # two tensors of one contribution is counted twice by both, so the counts stay balanced).
+    # two tensors of one contribution gets two references from each, so the counts stay balanced; its bytes once).
     def hold(self, contribution: Contribution) -> None:
         for t in contribution.tensors():
             storage = t.untyped_storage()
